@@ -1,0 +1,277 @@
+"""Typed configuration of a distillation run, validated once before any process group exists.
+
+``DistillConfig`` is built at the entry point (``arguments.py``: flags + YAML recipe) and then
+handed down explicitly; no module reads a global args object.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from megatron_distill.losses.reference import LOSS_KINDS
+
+NORMALIZATIONS = ("LayerNorm", "RMSNorm")
+POSITION_EMBEDDINGS = ("learned_absolute", "rope", "none")
+LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root", "WSD")
+TRANSFORMER_IMPLS = ("local", "transformer_engine")
+KD_LOSS_IMPLS = ("auto", "fused", "reference")
+DEVICES = ("auto", "cuda", "cpu")
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the flag(s) to change."""
+
+
+@dataclass
+class ModelShape:
+    """Architecture of one GPT model (student or teacher), in Megatron-LM's terms."""
+
+    num_layers: int
+    hidden_size: int
+    num_attention_heads: int
+    vocab_size: int
+    max_position_embeddings: int
+    ffn_hidden_size: int | None = None
+    num_query_groups: int | None = None
+    kv_channels: int | None = None
+    normalization: str = "LayerNorm"
+    norm_epsilon: float = 1e-5
+    swiglu: bool = False
+    position_embedding_type: str = "learned_absolute"
+    rotary_base: int = 10000
+    untie_embeddings_and_output_weights: bool = False
+    add_bias_linear: bool = True
+    add_qkv_bias: bool = False
+    qk_layernorm: bool = False
+    init_method_std: float = 0.02
+    hidden_dropout: float = 0.1
+    attention_dropout: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.ffn_hidden_size is None:
+            self.ffn_hidden_size = 4 * self.hidden_size
+        if self.num_query_groups is None:
+            self.num_query_groups = self.num_attention_heads
+
+
+@dataclass
+class ParallelConfig:
+    """Tensor / pipeline / data parallel layout shared by student and teacher."""
+
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    sequence_parallel: bool = False
+
+
+@dataclass
+class LossConfig:
+    """How the student is trained: the distillation term and an optional CE term."""
+
+    kind: str = "forward_kl"
+    beta: float = 0.5
+    temperature: float = 1.0
+    kd_weight: float = 1.0
+    ce_weight: float = 0.0
+    impl: str = "auto"
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, batching and logging."""
+
+    seq_length: int = 128
+    micro_batch_size: int = 1
+    global_batch_size: int = 1
+    train_iters: int = 10
+    lr: float = 1e-4
+    min_lr: float = 0.0
+    lr_decay_style: str = "cosine"
+    lr_warmup_iters: int = 0
+    weight_decay: float = 0.01
+    clip_grad: float = 1.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    bf16: bool = False
+    seed: int = 1234
+    log_interval: int = 1
+    transformer_impl: str = "local"
+    device: str = "auto"
+    use_distributed_optimizer: bool = False
+    metrics_file: str | None = None
+    teacher_pretrain_iters: int = 0
+    teacher_pretrain_lr: float = 1e-3
+    distributed_timeout_minutes: float = 10.0
+
+
+@dataclass
+class DataConfig:
+    """Where batches come from. ``synthetic``: a fixed random Markov source built from the seed."""
+
+    source: str = "synthetic"
+    synthetic_branching: int = 4
+    data_seed: int = 4321
+
+
+@dataclass
+class DistillConfig:
+    """Everything a run needs; built once at the entry point and passed explicitly."""
+
+    student: ModelShape
+    teacher: ModelShape
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+    def data_parallel_size(self, world_size: int) -> int:
+        """DP = world / (TP x PP)."""
+        p = self.parallel
+        return world_size // (p.tensor_model_parallel_size * p.pipeline_model_parallel_size)
+
+    def num_microbatches(self, world_size: int) -> int:
+        """Micro-batches per data-parallel rank per iteration."""
+        t = self.train
+        return t.global_batch_size // (t.micro_batch_size * self.data_parallel_size(world_size))
+
+
+def _check_model(shape: ModelShape, prefix: str, parallel: ParallelConfig) -> list[str]:
+    errors = []
+    tp, pp = parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size
+    flag = f"--{prefix}" if prefix else "--"
+    for name in ("num_layers", "hidden_size", "num_attention_heads", "vocab_size", "max_position_embeddings"):
+        if getattr(shape, name) <= 0:
+            errors.append(f"{flag}{name.replace('_', '-')} must be > 0, got {getattr(shape, name)}")
+    for name in ("ffn_hidden_size", "num_query_groups", "kv_channels"):
+        value = getattr(shape, name)
+        if value is not None and value <= 0:
+            errors.append(f"{flag}{name.replace('_', '-')} must be > 0, got {value}")
+    if errors:
+        return errors
+    if shape.num_attention_heads % tp:
+        errors.append(
+            f"{flag}num-attention-heads ({shape.num_attention_heads}) must be divisible by "
+            f"--tensor-model-parallel-size ({tp})"
+        )
+    if shape.num_query_groups % tp:
+        errors.append(
+            f"{flag}num-query-groups ({shape.num_query_groups}) must be divisible by "
+            f"--tensor-model-parallel-size ({tp})"
+        )
+    if shape.num_attention_heads % shape.num_query_groups:
+        errors.append(
+            f"{flag}num-attention-heads ({shape.num_attention_heads}) must be divisible by "
+            f"{flag}num-query-groups ({shape.num_query_groups})"
+        )
+    if shape.kv_channels is None and shape.hidden_size % shape.num_attention_heads:
+        errors.append(
+            f"{flag}hidden-size ({shape.hidden_size}) must be divisible by "
+            f"{flag}num-attention-heads ({shape.num_attention_heads}) (or set {flag}kv-channels)"
+        )
+    if shape.num_layers % pp:
+        errors.append(
+            f"{flag}num-layers ({shape.num_layers}) must be divisible by "
+            f"--pipeline-model-parallel-size ({pp})"
+        )
+    if shape.ffn_hidden_size % tp:
+        errors.append(
+            f"{flag}ffn-hidden-size ({shape.ffn_hidden_size}) must be divisible by "
+            f"--tensor-model-parallel-size ({tp})"
+        )
+    if shape.normalization not in NORMALIZATIONS:
+        errors.append(f"{flag}normalization must be one of {NORMALIZATIONS}, got {shape.normalization!r}")
+    if shape.position_embedding_type not in POSITION_EMBEDDINGS:
+        errors.append(
+            f"{flag}position-embedding-type must be one of {POSITION_EMBEDDINGS}, "
+            f"got {shape.position_embedding_type!r}"
+        )
+    return errors
+
+
+def validate(cfg: DistillConfig, world_size: int) -> None:
+    """Check the whole config for a world of ``world_size`` processes.
+
+    Raises ``ConfigError`` listing every problem, each naming the flag(s) involved.
+    """
+    errors: list[str] = []
+    par, train, loss = cfg.parallel, cfg.train, cfg.loss
+    tp, pp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size
+    if tp < 1 or pp < 1:
+        errors.append("--tensor-model-parallel-size and --pipeline-model-parallel-size must be >= 1")
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(errors))
+    if world_size % (tp * pp):
+        errors.append(
+            f"world size ({world_size} processes) must be a multiple of --tensor-model-parallel-size "
+            f"x --pipeline-model-parallel-size ({tp} x {pp} = {tp * pp})"
+        )
+    errors += _check_model(cfg.student, "", par)
+    errors += _check_model(cfg.teacher, "teacher-", par)
+    if cfg.student.vocab_size != cfg.teacher.vocab_size:
+        errors.append(
+            f"student --vocab-size ({cfg.student.vocab_size}) and --teacher-vocab-size "
+            f"({cfg.teacher.vocab_size}) must be equal: the losses compare distributions over one vocabulary"
+        )
+    if par.sequence_parallel and tp == 1:
+        errors.append("--sequence-parallel needs --tensor-model-parallel-size > 1")
+    if loss.kind not in LOSS_KINDS:
+        errors.append(f"--kd-loss must be one of {LOSS_KINDS}, got {loss.kind!r}")
+    if not 0.0 <= loss.beta <= 1.0:
+        errors.append(f"--kd-beta must be in [0, 1], got {loss.beta}")
+    if not loss.temperature > 0.0:
+        errors.append(f"--kd-temperature must be > 0, got {loss.temperature}")
+    if loss.kd_weight < 0 or loss.ce_weight < 0:
+        errors.append("--kd-loss-weight and --kd-ce-weight must be >= 0")
+    if loss.kd_weight == 0 and loss.ce_weight == 0:
+        errors.append("--kd-loss-weight and --kd-ce-weight are both 0: nothing to train on")
+    if loss.impl not in KD_LOSS_IMPLS:
+        errors.append(f"--kd-loss-impl must be one of {KD_LOSS_IMPLS}, got {loss.impl!r}")
+    if train.seq_length > cfg.student.max_position_embeddings and cfg.student.position_embedding_type == (
+        "learned_absolute"
+    ):
+        errors.append(
+            f"--seq-length ({train.seq_length}) exceeds --max-position-embeddings "
+            f"({cfg.student.max_position_embeddings})"
+        )
+    if train.seq_length > cfg.teacher.max_position_embeddings and cfg.teacher.position_embedding_type == (
+        "learned_absolute"
+    ):
+        errors.append(
+            f"--seq-length ({train.seq_length}) exceeds --teacher-max-position-embeddings "
+            f"({cfg.teacher.max_position_embeddings})"
+        )
+    if train.seq_length <= 1:
+        errors.append(f"--seq-length must be > 1, got {train.seq_length}")
+    if train.micro_batch_size < 1 or train.global_batch_size < 1:
+        errors.append("--micro-batch-size and --global-batch-size must be >= 1")
+    elif world_size % (tp * pp) == 0:
+        dp = cfg.data_parallel_size(world_size)
+        if train.global_batch_size % (train.micro_batch_size * dp):
+            errors.append(
+                f"--global-batch-size ({train.global_batch_size}) must be divisible by "
+                f"--micro-batch-size x data-parallel size ({train.micro_batch_size} x {dp})"
+            )
+    if par.sequence_parallel and train.seq_length % tp:
+        errors.append(
+            f"--seq-length ({train.seq_length}) must be divisible by --tensor-model-parallel-size ({tp}) "
+            "with --sequence-parallel"
+        )
+    if train.train_iters < 0:
+        errors.append(f"--train-iters must be >= 0, got {train.train_iters}")
+    if train.lr_decay_style not in LR_DECAY_STYLES:
+        errors.append(f"--lr-decay-style must be one of {LR_DECAY_STYLES}, got {train.lr_decay_style!r}")
+    if train.min_lr > train.lr:
+        errors.append(f"--min-lr ({train.min_lr}) must be <= --lr ({train.lr})")
+    if train.transformer_impl not in TRANSFORMER_IMPLS:
+        errors.append(
+            f"--transformer-impl must be one of {TRANSFORMER_IMPLS}, got {train.transformer_impl!r}"
+        )
+    if train.device not in DEVICES:
+        errors.append(f"--device must be one of {DEVICES}, got {train.device!r}")
+    if train.log_interval < 1:
+        errors.append(f"--log-interval must be >= 1, got {train.log_interval}")
+    if cfg.data.synthetic_branching < 1:
+        errors.append(f"--synthetic-branching must be >= 1, got {cfg.data.synthetic_branching}")
+    if cfg.data.source != "synthetic":
+        errors.append(f"--data-source {cfg.data.source!r} is not supported yet (only 'synthetic')")
+    if errors:
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(errors))

@@ -1,0 +1,98 @@
+"""Assemble a run: Megatron parallel state, this rank's DistillStage, DDP wrapper, optimizer.
+
+Everything is built from an explicit ``DistillConfig`` and returned in an ``Engine`` object; the
+process groups live in one ``ProcessGroupCollection`` passed to whatever needs them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+from megatron_distill.config import DistillConfig, ModelShape
+from megatron_distill.models.builder import build_gpt_stage, padded_vocab_size, transformer_config
+from megatron_distill.optim import build_optimizer
+from megatron_distill.pipeline.loss_step import VocabShard
+from megatron_distill.pipeline.stage import DistillStage
+
+
+def init_model_parallel(cfg: DistillConfig, seed: int) -> ProcessGroupCollection:
+    """Create Megatron's TP/PP/DP groups (once per process) and seed the model-parallel RNGs."""
+    par = cfg.parallel
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=par.tensor_model_parallel_size,
+            pipeline_model_parallel_size=par.pipeline_model_parallel_size,
+            distributed_timeout_minutes=int(max(1, cfg.train.distributed_timeout_minutes)),
+        )
+    set_seed(seed)
+    return ProcessGroupCollection.use_mpu_process_groups()
+
+
+def set_seed(seed: int) -> None:
+    """Seed the CPU generator and Megatron's model-parallel RNG tracker (offset per PP stage)."""
+    pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+    torch.manual_seed(seed + 100 * pp_rank)
+    model_parallel_cuda_manual_seed(seed + 100 * pp_rank)
+
+
+def stage_flags(pg: ProcessGroupCollection) -> tuple[bool, bool]:
+    """(pre_process, post_process) for this rank's pipeline stage."""
+    return pg.pp.rank() == 0, pg.pp.rank() == pg.pp.size() - 1
+
+
+def build_model(shape: ModelShape, cfg: DistillConfig, pg: ProcessGroupCollection, *, trainable: bool,
+                device: torch.device | str = "cpu"):
+    """This rank's stage of one GPT model on ``device``, in the training dtype."""
+    pre, post = stage_flags(pg)
+    tcfg = transformer_config(shape, cfg.parallel, bf16=cfg.train.bf16, for_training=trainable)
+    model = build_gpt_stage(
+        shape, tcfg, pre_process=pre, post_process=post, pg_collection=pg,
+        transformer_impl=cfg.train.transformer_impl,
+    )
+    # Like Megatron-LM's Float16Module: the whole stage (norms included) in the training dtype.
+    return model.to(device=device, dtype=tcfg.params_dtype)
+
+
+@dataclass
+class Engine:
+    """A ready-to-train stage: the DDP-wrapped DistillStage, its optimizer and LR schedule."""
+
+    cfg: DistillConfig
+    pg: ProcessGroupCollection
+    model: DistributedDataParallel
+    stage: DistillStage
+    optimizer: object
+    scheduler: object
+    vocab_shard: VocabShard
+
+    @property
+    def transformer_config(self):
+        return self.stage.config
+
+
+def wrap_stage(stage: DistillStage, cfg: DistillConfig, pg: ProcessGroupCollection,
+               lr: float | None = None, iters: int | None = None) -> Engine:
+    """Wrap a stage in Megatron DDP (student params only), build optimizer and scheduler."""
+    tcfg = stage.config
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=False,
+        use_distributed_optimizer=cfg.train.use_distributed_optimizer,
+        check_for_nan_in_grad=False,
+    )
+    model = DistributedDataParallel(config=tcfg, ddp_config=ddp_config, module=stage, pg_collection=pg)
+    optimizer, scheduler = build_optimizer(cfg.train, [model], lr=lr, iters=iters)
+    tcfg.finalize_model_grads_func = finalize_model_grads
+    tcfg.no_sync_func = model.no_sync
+    tcfg.grad_scale_func = optimizer.scale_loss
+    tp_size, tp_rank = pg.tp.size(), pg.tp.rank()
+    vocab = cfg.student.vocab_size
+    shard = VocabShard.for_rank(vocab, padded_vocab_size(vocab, tp_size), tp_rank, tp_size)
+    return Engine(cfg, pg, model, stage, optimizer, scheduler, shard)

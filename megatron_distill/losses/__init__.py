@@ -1,0 +1,17 @@
+"""Distillation losses on vocab-parallel logits (reference) and fused output-layer + loss."""
+
+from megatron_distill.losses.fused import fused_linear_distill_loss
+from megatron_distill.losses.reference import (
+    LOSS_KINDS,
+    distill_loss,
+    distill_loss_per_token,
+    vocab_parallel_log_softmax,
+)
+
+__all__ = [
+    "LOSS_KINDS",
+    "distill_loss",
+    "distill_loss_per_token",
+    "fused_linear_distill_loss",
+    "vocab_parallel_log_softmax",
+]

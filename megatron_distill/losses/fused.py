@@ -1,0 +1,356 @@
+"""Fused vocab-parallel output layer + distillation loss (DESIGN.md, "Vocab-parallel loss
+without gathering logits").
+
+``fused_linear_distill_loss`` returns what ``reference.distill_loss`` returns on the logits
+``student_hidden @ student_weight.T`` and ``teacher_hidden @ teacher_weight.T``, and the
+gradients wrt ``student_hidden`` / ``student_weight``, while holding logits for one token chunk
+only. Everything happens in the forward pass; backward only scales the stored gradients.
+
+Per chunk of ``C`` (unmasked) tokens:
+
+1. ``z_S = h_S W_S^T`` into a ``[C, V_local]`` buffer (cuBLAS, input dtype);
+2. per teacher sub-chunk of ``C_t <= C`` rows: ``z_T = h_T W_T^T`` into a ``[C_t, V_local]``
+   buffer, row statistics (max / sum-exp; Triton), all-reduced over TP (max, then sum), then
+   the loss terms and dz = d loss / d z_S written in place over ``z_S`` (JSD needs one more
+   all-reduced row sum, KL(p_S || M), between its statistics and dz);
+3. ``grad_h[rows] = dz W_S`` and ``grad_W += dz^T h_S``.
+
+The teacher sub-chunk exists for memory: the student buffer must hold the whole chunk (it
+becomes dz, the operand of the weight-gradient GEMM, whose cost per chunk includes a read and
+write of the whole ``[V_local, h_s]`` gradient, so chunks should be long), while teacher logits
+are dead as soon as their rows' dz is written.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from megatron_distill.losses.kernels import distill_elementwise as ew
+from megatron_distill.losses.reference import check_loss_args
+from megatron_distill.losses.tp_collectives import (
+    ProcessGroup,
+    all_gather_dim0,
+    all_reduce_max_,
+    all_reduce_sum_,
+    group_size,
+    reduce_scatter_dim0,
+)
+
+IMPL_ENV = "MEGATRON_DISTILL_FUSED_IMPL"
+IMPLS = ("triton", "torch")
+REDUCTIONS = ("mean", "sum")
+
+# Logits buffers (student chunk + teacher sub-chunk) get at most this much memory, and at most
+# half of what is free. See benchmarks/NOTES_loss_kernel.md for the measurements behind it.
+_MAX_BUFFER_BYTES = 1 << 30
+_CPU_BUFFER_BYTES = 64 << 20
+_TEACHER_ROWS = 512  # a teacher GEMM with M = 512 still streams W_T at full tensor-core speed
+_ROW_ALIGN = 64
+
+
+@dataclass(frozen=True)
+class _Config:
+    kind: str
+    beta: float
+    temperature: float
+    tp_group: ProcessGroup
+    chunk_tokens: int | None
+    teacher_chunk_tokens: int | None
+    sequence_parallel: bool
+    reduction: str
+    impl: str
+    fp32_weight_grad: bool
+
+
+def resolve_impl(impl: str | None, device: torch.device) -> str:
+    """The element-wise implementation to use: ``impl``, else $MEGATRON_DISTILL_FUSED_IMPL,
+    else "triton" where Triton can run on ``device`` (CUDA, or TRITON_INTERPRET=1), else "torch".
+    """
+    impl = impl or os.environ.get(IMPL_ENV) or None
+    if impl is None:
+        return "triton" if ew.triton_available(device) else "torch"
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "triton" and not ew.triton_available(device):
+        raise ValueError(f"impl='triton' cannot run on {device} (set TRITON_INTERPRET=1 on the CPU)")
+    return impl
+
+
+def _round_up(x: int, m: int) -> int:
+    return -(-x // m) * m
+
+
+def _balanced(n: int, max_len: int, align: int) -> int:
+    """Chunk length <= ~max_len that splits n into equal chunks (no short last chunk)."""
+    n_chunks = -(-n // max(max_len, 1))
+    return min(n, _round_up(-(-n // n_chunks), align))
+
+
+def plan_chunks(
+    n_rows: int,
+    v_local: int,
+    elem_bytes: int,
+    device: torch.device,
+    chunk_tokens: int | None = None,
+    teacher_chunk_tokens: int | None = None,
+) -> tuple[int, int]:
+    """Rows per student chunk ``C`` and per teacher sub-chunk ``C_t`` (``C_t <= C``).
+
+    Without overrides the two logits buffers, ``(C + C_t) * V_local * elem_bytes``, are sized to
+    ``min(free / 2, 1 GiB)`` on CUDA (64 MiB on the CPU), with ``C_t`` about 512 rows; both are
+    balanced so that ``n_rows`` splits into equal chunks.
+    """
+    if n_rows <= 0:
+        return 1, 1
+    if chunk_tokens is None:
+        row_bytes = max(v_local * elem_bytes, 1)
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            # the caching allocator's idle blocks are free for us too
+            free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+            budget = min(free // 2, _MAX_BUFFER_BYTES)
+        else:
+            budget = _CPU_BUFFER_BYTES
+        total_rows = max(budget // row_bytes, 2 * _ROW_ALIGN)
+        teacher_rows = min(_TEACHER_ROWS, total_rows // 4)
+        chunk = _balanced(n_rows, total_rows - teacher_rows, _ROW_ALIGN)
+    else:
+        chunk = _balanced(n_rows, chunk_tokens, 1)
+        teacher_rows = chunk
+    if teacher_chunk_tokens is not None:
+        teacher_rows = teacher_chunk_tokens
+    teacher = _balanced(chunk, max(min(teacher_rows, chunk), 1), 1 if chunk_tokens else _ROW_ALIGN)
+    return chunk, min(teacher, chunk)
+
+
+def _rows(t: torch.Tensor, idx: torch.Tensor | None, r0: int, r1: int) -> torch.Tensor:
+    return t[r0:r1] if idx is None else t.index_select(0, idx[r0:r1])
+
+
+def _reduce_stats_(stats: torch.Tensor, temperature: float, group: ProcessGroup) -> None:
+    """Turn each rank's per-row (max, sum-exp) into the global ones: max, rescale, sum."""
+    m_local = stats[:2].clone()
+    all_reduce_max_(stats[:2], group)
+    # maxima are raw logits; the sums are of 2^((z - m) log2(e) / tau)
+    shift = torch.exp2((m_local - stats[:2]) * (ew.LOG2E / temperature))
+    stats[2].mul_(shift[0])
+    stats[3].mul_(shift[1])
+    stats[4].mul_(shift[0])
+    all_reduce_sum_(stats[2:], group)
+
+
+def _loss_grad_(zs, zt, loss_out, cfg: _Config, grad_scale: float) -> None:
+    """One teacher sub-chunk: loss partials into ``loss_out``, dz (scaled) over ``zs``."""
+    tp = group_size(cfg.tp_group) > 1
+    impl, tau = cfg.impl, cfg.temperature
+    if cfg.kind in ("forward_kl", "reverse_kl"):
+        reverse = cfg.kind == "reverse_kl"
+        stats = None
+        if tp:
+            stats = ew.row_stats(zs, zt, tau, reverse, impl)
+            _reduce_stats_(stats, tau, cfg.tp_group)
+        ew.kl_loss_grad_(
+            zs, zt, stats, loss_out, reverse=reverse, temperature=tau, grad_scale=grad_scale, impl=impl
+        )
+        return
+    if tp:
+        stats = ew.row_stats(zs, zt, tau, False, impl)
+        _reduce_stats_(stats, tau, cfg.tp_group)
+    else:
+        stats = torch.empty((ew.N_STATS, zs.shape[0]), dtype=torch.float32, device=zs.device)
+    sums = ew.jsd_row_sums(zs, zt, stats, beta=cfg.beta, temperature=tau, compute_stats=not tp, impl=impl)
+    loss_out.copy_(sums[1])
+    if tp:
+        all_reduce_sum_(sums[0], cfg.tp_group)
+    ew.jsd_grad_(zs, zt, stats, sums, beta=cfg.beta, temperature=tau, grad_scale=grad_scale, impl=impl)
+
+
+def _accumulate_weight_grad(grad_w, dz, h, first: bool) -> None:
+    if grad_w.dtype == dz.dtype:
+        # cuBLAS accumulates in fp32 within the call; one rounding per chunk
+        if first:
+            torch.mm(dz.t(), h, out=grad_w)
+        else:
+            grad_w.addmm_(dz.t(), h)
+    elif grad_w.is_cuda:
+        # bf16 operands, fp32 accumulator: no fp32 copy of dz needed (torch >= 2.8)
+        torch.addmm(grad_w, dz.t(), h, beta=0.0 if first else 1.0, out_dtype=torch.float32, out=grad_w)
+    else:
+        part = torch.mm(dz.t(), h).float()
+        grad_w.copy_(part) if first else grad_w.add_(part)
+
+
+def _fused_forward(hs, ws, ht, wt, loss_mask, cfg: _Config, need_gh: bool, need_gw: bool):
+    """Loss (fp32 scalar) and the full gradients wrt ``hs`` / ``ws`` (None where not needed)."""
+    group = cfg.tp_group
+    device = hs.device
+    if cfg.sequence_parallel:
+        hs = all_gather_dim0(hs, group)
+        ht = all_gather_dim0(ht, group)
+    n_tokens = hs.shape[0]
+    idx = None
+    n = n_tokens
+    if loss_mask is not None:
+        keep = loss_mask.reshape(-1) != 0
+        if keep.shape[0] != n_tokens:
+            raise ValueError(f"loss_mask has {keep.shape[0]} tokens, the hidden states {n_tokens}")
+        idx = keep.nonzero().squeeze(1)
+        n = idx.numel()
+        if n == n_tokens:
+            idx = None
+    grad_scale = 1.0 / max(n, 1) if cfg.reduction == "mean" else 1.0
+    v_local = ws.shape[0]
+
+    alloc_gh = torch.zeros if idx is not None or n == 0 else torch.empty
+    grad_h = alloc_gh(hs.shape, dtype=hs.dtype, device=device) if need_gh else None
+    grad_w = None
+    if need_gw:
+        w_dtype = torch.float32 if cfg.fp32_weight_grad else ws.dtype
+        grad_w = torch.zeros(ws.shape, dtype=w_dtype, device=device)
+    loss_rows = torch.zeros(n, dtype=torch.float32, device=device)
+
+    chunk, teacher_chunk = plan_chunks(
+        n, v_local, ws.element_size(), device, cfg.chunk_tokens, cfg.teacher_chunk_tokens
+    )
+    if n > 0:
+        buf_s = torch.empty((chunk, v_local), dtype=ws.dtype, device=device)
+        buf_t = torch.empty((teacher_chunk, v_local), dtype=wt.dtype, device=device)
+    for c0 in range(0, n, chunk):
+        c1 = min(c0 + chunk, n)
+        hs_c = _rows(hs, idx, c0, c1)
+        zs = buf_s[: c1 - c0]
+        torch.mm(hs_c, ws.t(), out=zs)
+        for t0 in range(0, c1 - c0, teacher_chunk):
+            t1 = min(t0 + teacher_chunk, c1 - c0)
+            zt = buf_t[: t1 - t0]
+            torch.mm(_rows(ht, idx, c0 + t0, c0 + t1), wt.t(), out=zt)
+            _loss_grad_(zs[t0:t1], zt, loss_rows[c0 + t0 : c0 + t1], cfg, grad_scale)
+        if need_gh:
+            if idx is None:
+                torch.mm(zs, ws, out=grad_h[c0:c1])
+            else:
+                grad_h.index_copy_(0, idx[c0:c1], zs @ ws)
+        if need_gw:
+            _accumulate_weight_grad(grad_w, zs, hs_c, first=c0 == 0)
+
+    loss = all_reduce_sum_(loss_rows.sum(), group) * grad_scale
+    if need_gh:
+        # each rank holds dz for its vocab shard only: the hidden's gradient is the sum
+        if cfg.sequence_parallel:
+            grad_h = reduce_scatter_dim0(grad_h, group)
+        else:
+            grad_h = all_reduce_sum_(grad_h, group)
+    if grad_w is not None and grad_w.dtype != ws.dtype:
+        grad_w = grad_w.to(ws.dtype)
+    return loss, grad_h, grad_w
+
+
+class FusedLinearDistillFunction(torch.autograd.Function):
+    """Autograd wrapper: the forward does all the work and keeps the gradients, the backward
+    scales them by the incoming gradient. Teacher tensors are constants (no gradient)."""
+
+    @staticmethod
+    def forward(ctx, student_hidden, student_weight, teacher_hidden, teacher_weight, loss_mask, cfg):
+        need_gh, need_gw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        loss, grad_h, grad_w = _fused_forward(
+            student_hidden.detach(),
+            student_weight.detach(),
+            teacher_hidden.detach(),
+            teacher_weight.detach(),
+            loss_mask,
+            cfg,
+            need_gh,
+            need_gw,
+        )
+        ctx.save_for_backward(grad_h, grad_w)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad_h, grad_w = ctx.saved_tensors
+        # the common case (loss.backward() on this loss alone) needs no pass over grad_W
+        if bool(grad_output.ne(1.0)):
+            grad_h = None if grad_h is None else grad_h * grad_output.to(grad_h.dtype)
+            grad_w = None if grad_w is None else grad_w * grad_output.to(grad_w.dtype)
+        return grad_h, grad_w, None, None, None, None
+
+
+def fused_linear_distill_loss(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    kind: str,
+    *,
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    loss_mask: torch.Tensor | None = None,
+    tp_group: ProcessGroup = None,
+    chunk_tokens: int | None = None,
+    sequence_parallel: bool = False,
+    reduction: str = "mean",
+    impl: str | None = None,
+    teacher_chunk_tokens: int | None = None,
+    fp32_weight_grad: bool = False,
+) -> torch.Tensor:
+    """Distillation loss of the output layer's logits, computed chunk by chunk, never whole.
+
+    Shapes (``T`` tokens; leading dims ``[...]`` are flattened, e.g. Megatron's ``[s, b]``):
+
+    * ``student_hidden`` ``[..., h_s]``, ``teacher_hidden`` ``[..., h_t]``: the final hidden
+      states; with ``sequence_parallel`` this rank's ``[T / tp, ...]`` block of the token dim
+      (rank order), otherwise all ``T`` tokens (replicated over ``tp_group``).
+    * ``student_weight`` ``[V_local, h_s]``, ``teacher_weight`` ``[V_local, h_t]``: this rank's
+      vocab shard of each output layer (``V_local`` may differ between ranks).
+    * ``loss_mask`` ``[...]`` over all ``T`` tokens (gathered order with sequence parallel);
+      nonzero = counted (as 1: weights other than 0 / 1 are not supported). None counts all.
+
+    Returns an fp32 scalar equal on every rank of ``tp_group`` to ``reference.distill_loss`` on
+    the full-vocabulary logits (``reduction="mean"``: mean over unmasked tokens, 0 if none;
+    ``"sum"``: their sum). Gradients flow to ``student_hidden`` (summed over the TP group, and
+    reduce-scattered back to the local block with ``sequence_parallel``) and to
+    ``student_weight`` (this shard's rows); the teacher tensors get none.
+
+    ``kind`` / ``beta`` / ``temperature`` as in ``reference.distill_loss`` (no tau^2 factor).
+    ``chunk_tokens`` / ``teacher_chunk_tokens`` override the automatic chunking
+    (``plan_chunks``); ``impl`` ("triton" / "torch", or $MEGATRON_DISTILL_FUSED_IMPL) forces
+    the element-wise implementation; ``fp32_weight_grad`` accumulates the weight gradient over
+    chunks in fp32 (one extra ``[V_local, h_s]`` fp32 buffer) instead of the weight's dtype.
+    """
+    check_loss_args(kind, beta, temperature)
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if kind == "jsd" and beta in (0.0, 1.0):
+        kind = "forward_kl" if beta == 0.0 else "reverse_kl"
+    hs = student_hidden.reshape(-1, student_hidden.shape[-1])
+    ht = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
+    if hs.shape[0] != ht.shape[0]:
+        raise ValueError(f"student ({hs.shape[0]}) and teacher ({ht.shape[0]}) token counts differ")
+    if student_weight.shape[1] != hs.shape[1] or teacher_weight.shape[1] != ht.shape[1]:
+        raise ValueError("each output-layer weight must be [V_local, hidden] of its hidden states")
+    if student_weight.shape[0] != teacher_weight.shape[0]:
+        raise ValueError(
+            f"student ({student_weight.shape[0]}) and teacher ({teacher_weight.shape[0]}) vocab shards differ"
+        )
+    if student_weight.dtype != hs.dtype or teacher_weight.dtype != ht.dtype:
+        raise ValueError("each output-layer weight must have its hidden states' dtype")
+    for name, value in (("chunk_tokens", chunk_tokens), ("teacher_chunk_tokens", teacher_chunk_tokens)):
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    cfg = _Config(
+        kind=kind,
+        beta=float(beta),
+        temperature=float(temperature),
+        tp_group=tp_group,
+        chunk_tokens=chunk_tokens,
+        teacher_chunk_tokens=teacher_chunk_tokens,
+        sequence_parallel=sequence_parallel and group_size(tp_group) > 1,
+        reduction=reduction,
+        impl=resolve_impl(impl, hs.device),
+        fp32_weight_grad=fp32_weight_grad,
+    )
+    loss = FusedLinearDistillFunction.apply(hs, student_weight, ht, teacher_weight, loss_mask, cfg)
+    return loss

@@ -1,0 +1,87 @@
+"""The last stage's loss: distillation term + optional cross-entropy, as token *sums*.
+
+Megatron's schedule is run with ``calculate_per_token_loss``: each micro-batch returns the sum
+of its per-token losses and its token count, and ``finalize_model_grads`` divides the gradients
+by the token count of the whole global batch (all micro-batches, all DP ranks). The loss is thus
+normalised the same way whatever TP / PP / DP / micro-batching is used.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from megatron_distill.config import LossConfig
+from megatron_distill.losses.reference import distill_loss_per_token, vocab_parallel_log_softmax
+from megatron_distill.losses.tp_collectives import ProcessGroup, all_reduce_sum_grad_identity
+
+
+def vocab_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, tp_group: ProcessGroup,
+                                 vocab_start: int) -> torch.Tensor:
+    """Per-token cross-entropy ``-log softmax(logits)[label]`` over a vocab split across TP.
+
+    ``logits`` ``[..., V_local]`` covering ids ``[vocab_start, vocab_start + V_local)``,
+    ``labels`` ``[...]``. Returns ``[...]`` float32, identical on every TP rank.
+    """
+    logp = vocab_parallel_log_softmax(logits.float(), tp_group)
+    local_ids = labels - vocab_start
+    in_shard = (local_ids >= 0) & (local_ids < logits.shape[-1])
+    picked = torch.gather(logp, -1, local_ids.clamp(0, logits.shape[-1] - 1).unsqueeze(-1)).squeeze(-1)
+    picked = torch.where(in_shard, picked, torch.zeros_like(picked))
+    return -all_reduce_sum_grad_identity(picked, tp_group)
+
+
+@dataclass
+class VocabShard:
+    """Which real vocabulary ids this TP rank's output rows hold (padding rows excluded)."""
+
+    start: int
+    valid: int
+
+    @classmethod
+    def for_rank(cls, vocab_size: int, padded_vocab_size: int, tp_rank: int, tp_size: int) -> VocabShard:
+        per_rank = padded_vocab_size // tp_size
+        start = tp_rank * per_rank
+        return cls(start=start, valid=max(0, min(per_rank, vocab_size - start)))
+
+
+def distill_loss_sums(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor | None,
+    labels: torch.Tensor,
+    loss_mask: torch.Tensor,
+    loss_cfg: LossConfig,
+    shard: VocabShard,
+    tp_group: ProcessGroup,
+):
+    """Weighted loss sum over unmasked tokens of one micro-batch, and what to log.
+
+    ``student_logits``/``teacher_logits`` ``[b, s, V_local]`` (padding rows are dropped here so
+    the divergence is over the real vocabulary), ``labels`` and ``loss_mask`` ``[b, s]``.
+    Returns ``(loss_sum, num_tokens, {"kd_sum", "ce_sum", "tokens"})``.
+    """
+    mask = loss_mask.float()
+    num_tokens = mask.sum()
+    s_logits = student_logits[..., : shard.valid]
+    total = torch.zeros((), dtype=torch.float32, device=student_logits.device)
+    kd_sum = torch.zeros_like(total)
+    ce_sum = torch.zeros_like(total)
+    if loss_cfg.kd_weight > 0:
+        assert teacher_logits is not None, "a distillation loss needs a teacher"
+        per_token = distill_loss_per_token(
+            s_logits,
+            teacher_logits[..., : shard.valid],
+            loss_cfg.kind,
+            beta=loss_cfg.beta,
+            temperature=loss_cfg.temperature,
+            tp_group=tp_group,
+        )
+        kd_sum = (per_token * mask).sum()
+        total = total + loss_cfg.kd_weight * kd_sum
+    if loss_cfg.ce_weight > 0:
+        per_token_ce = vocab_parallel_cross_entropy(s_logits, labels, tp_group, shard.start)
+        ce_sum = (per_token_ce * mask).sum()
+        total = total + loss_cfg.ce_weight * ce_sum
+    stats = torch.stack([kd_sum.detach(), ce_sum.detach(), num_tokens.detach()])
+    return total, num_tokens.to(torch.int), {"sums": stats}

@@ -1,0 +1,134 @@
+"""One distillation run from a validated ``DistillConfig``: start-up, (teacher pre-training), train.
+
+The entry point (``launch/pretrain_distill.py``) parses flags into a config and calls ``run``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import replace
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from megatron_distill.config import DistillConfig, LossConfig, validate
+from megatron_distill.data.synthetic import MarkovSource, SyntheticBatches
+from megatron_distill.engine import build_model, init_model_parallel, wrap_stage
+from megatron_distill.metrics import MetricsLogger
+from megatron_distill.pipeline.stage import DistillStage
+from megatron_distill.platform import DeviceContext, init_distributed, resolve_device
+from megatron_distill.training import IterationStats, run_iteration
+
+# Stream offset separating the teacher's pre-training data from the distillation data.
+_PRETRAIN_STREAM = 10_000_000
+
+
+def _print0(msg: str, stream=None) -> None:
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(msg, file=stream or sys.stdout, flush=True)
+
+
+def count_parameters(model: torch.nn.Module, pg) -> int:
+    """Parameters of the whole model (all TP/PP ranks), counting TP-replicated tensors once."""
+    local = 0
+    for p in model.parameters():
+        local += p.numel() if getattr(p, "tensor_model_parallel", False) else p.numel() / pg.tp.size()
+    total = torch.tensor([local], dtype=torch.float64)
+    dist.all_reduce(total, group=pg.mp)
+    return int(round(total.item()))
+
+
+def _data(cfg: DistillConfig, pg, world: int, stream_offset: int = 0) -> SyntheticBatches:
+    source = MarkovSource(cfg.student.vocab_size, cfg.data.synthetic_branching, cfg.data.data_seed)
+    return SyntheticBatches(
+        source, cfg.train.seq_length, cfg.train.global_batch_size, cfg.train.micro_batch_size,
+        pg.dp.rank(), cfg.data_parallel_size(world), stream_offset=stream_offset,
+    )
+
+
+def _loop(engine, data, iters: int, ctx: DeviceContext, logger: MetricsLogger,
+          log_interval: int) -> list[IterationStats]:
+    history = []
+    for it in range(1, iters + 1):
+        stats = run_iteration(engine, data.get(it), it, ctx.device)
+        history.append(stats)
+        if it % log_interval == 0 or it == iters or it == 1:
+            logger.log(stats, ctx.device)
+    return history
+
+
+def pretrain_teacher(cfg: DistillConfig, pg, ctx: DeviceContext, world: int, stream=None):
+    """Train the teacher with cross-entropy on the data for ``teacher_pretrain_iters`` iterations.
+
+    Returns the teacher's trained state dict for this rank's stage (used by the quickstart so the
+    teacher is a distribution worth matching).
+    """
+    iters = cfg.train.teacher_pretrain_iters
+    teacher_as_student = replace(cfg, student=cfg.teacher, loss=LossConfig(kd_weight=0.0, ce_weight=1.0))
+    model = build_model(cfg.teacher, teacher_as_student, pg, trainable=True, device=ctx.device)
+    engine = wrap_stage(DistillStage(model, None), teacher_as_student, pg,
+                        lr=cfg.train.teacher_pretrain_lr, iters=iters)
+    logger = MetricsLogger(cfg.train.metrics_file, ctx.rank, iters, phase="teacher-pretrain", stream=stream)
+    data = _data(cfg, pg, world, stream_offset=_PRETRAIN_STREAM)
+    _print0(f"pre-training the teacher with cross-entropy for {iters} iterations", stream)
+    _loop(engine, data, iters, ctx, logger, cfg.train.log_interval)
+    return {k: v.detach().clone() if torch.is_tensor(v) else v for k, v in model.state_dict().items()}
+
+
+def run(cfg: DistillConfig, stream=None) -> list[IterationStats]:
+    """Run a whole distillation job in this process (one rank of the job).
+
+    Validates ``cfg`` for this world size before any process group is created, starts the
+    device and process groups, optionally pre-trains the teacher, then distills for
+    ``train_iters`` iterations. Returns the per-iteration statistics (same on every rank).
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    validate(cfg, world)
+    device = resolve_device(cfg.train.device)
+    if device == "cpu" and cfg.train.bf16:
+        _print0("note: --bf16 on the CPU is slow; it works but fp32 is the usual CPU choice", stream)
+    ctx = init_distributed(device, cfg.train.distributed_timeout_minutes)
+    pg = init_model_parallel(cfg, cfg.train.seed)
+    tp, pp = cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size
+    _print0(
+        f"megatron-distill: {world} process(es) on {device} ({ctx.backend}), TP={tp} PP={pp} "
+        f"DP={cfg.data_parallel_size(world)}, {cfg.num_microbatches(world)} micro-batch(es) per "
+        f"iteration; loss {cfg.loss.kind} (beta={cfg.loss.beta}, temperature={cfg.loss.temperature}) "
+        f"x {cfg.loss.kd_weight} + cross-entropy x {cfg.loss.ce_weight}",
+        stream,
+    )
+    teacher_state: dict | None = None
+    if cfg.train.teacher_pretrain_iters > 0:
+        teacher_state = pretrain_teacher(cfg, pg, ctx, world, stream)
+    student = build_model(cfg.student, cfg, pg, trainable=True, device=ctx.device)
+    teacher = build_model(cfg.teacher, cfg, pg, trainable=False, device=ctx.device)
+    if teacher_state is not None:
+        teacher.load_state_dict(teacher_state)
+    _print0(
+        f"student: {count_parameters(student, pg):,} parameters; teacher: "
+        f"{count_parameters(teacher, pg):,} parameters (frozen)",
+        stream,
+    )
+    engine = wrap_stage(DistillStage(student, teacher), cfg, pg)
+    logger = MetricsLogger(cfg.train.metrics_file, ctx.rank, cfg.train.train_iters, stream=stream)
+    start = time.perf_counter()
+    history = _loop(engine, _data(cfg, pg, world), cfg.train.train_iters, ctx, logger, cfg.train.log_interval)
+    if history:
+        first, last = history[0], history[-1]
+        _print0(
+            f"done: {len(history)} iterations in {time.perf_counter() - start:.1f}s; kd_loss "
+            f"{first.kd_loss:.4f} -> {last.kd_loss:.4f}",
+            stream,
+        )
+    return history
+
+
+def shutdown() -> None:
+    """Tear down Megatron's parallel state and the process group."""
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,139 @@
+"""The iteration loop: one Megatron schedule call per iteration, optimizer step, logging.
+
+Reads top to bottom like the algorithm: get this rank's micro-batches, run forward+backward of
+all micro-batches through the pipeline (teacher without grad, student with), let Megatron
+finalize the gradients (DP all-reduce, tied embeddings, division by the global token count),
+step the optimizer, log.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+
+import torch
+import torch.distributed as dist
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
+
+from megatron_distill.engine import Engine
+from megatron_distill.pipeline.loss_step import distill_loss_sums
+from megatron_distill.pipeline.stage import concat_hidden_shapes_fn
+
+
+@dataclass
+class IterationStats:
+    """What one iteration produced, identical on every rank."""
+
+    iteration: int
+    loss: float
+    kd_loss: float
+    ce_loss: float
+    num_tokens: int
+    lr: float
+    grad_norm: float | None
+    seconds: float
+    tokens_per_sec: float
+    skipped: bool = False
+    extra: dict = field(default_factory=dict)
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def make_forward_step(engine: Engine, device: torch.device) -> Callable:
+    """Megatron ``forward_step_func``: runs the stage, binds the teacher's output into the loss."""
+    loss_cfg = engine.cfg.loss
+
+    def forward_step(data_iterator, model):
+        batch = _to_device(next(data_iterator), device)
+        out = model(batch["tokens"], batch["position_ids"], None)
+        if not engine.stage.post_process:
+            return out, None
+        student_logits, teacher_logits = out
+
+        def loss_func(teacher_logits, output_tensor):
+            return distill_loss_sums(
+                output_tensor, teacher_logits, batch["labels"], batch["loss_mask"],
+                loss_cfg, engine.vocab_shard, engine.pg.tp,
+            )
+
+        return student_logits, partial(loss_func, teacher_logits)
+
+    return forward_step
+
+
+def run_iteration(engine: Engine, microbatches: list[dict], iteration: int, device: torch.device,
+                  forward_only: bool = False) -> IterationStats:
+    """Forward+backward over this rank's micro-batches and one optimizer step.
+
+    ``microbatches``: this DP rank's list of ``[b, s]`` batches. Returns global statistics
+    (loss = weighted loss per unmasked token of the whole global batch).
+    """
+    start = time.perf_counter()
+    cfg, pg, stage = engine.cfg, engine.pg, engine.stage
+    seq_length = microbatches[0]["tokens"].shape[1]
+    micro_batch_size = microbatches[0]["tokens"].shape[0]
+    engine.model.train()
+    if not forward_only:
+        engine.model.zero_grad_buffer()
+        engine.optimizer.zero_grad()
+    fwd_bwd = get_forward_backward_func()
+    kwargs = {}
+    if pg.pp.size() > 1:
+        kwargs["p2p_communicator"] = P2PCommunicator(pp_group=pg.pp, config=stage.config)
+        kwargs["pg_collection"] = pg
+        if stage.teacher is not None:
+            kwargs["adjust_tensor_shapes_fn"] = concat_hidden_shapes_fn(
+                stage.student_hidden, stage.teacher_hidden
+            )
+    else:
+        kwargs["pg_collection"] = pg
+    outputs = fwd_bwd(
+        forward_step_func=make_forward_step(engine, device),
+        data_iterator=iter(microbatches),
+        model=[engine.model],
+        num_microbatches=len(microbatches),
+        seq_length=seq_length,
+        micro_batch_size=micro_batch_size,
+        forward_only=forward_only,
+        **kwargs,
+    )
+    grad_norm = None
+    skipped = False
+    lr = engine.optimizer.param_groups[0]["lr"]
+    if not forward_only:
+        success, grad_norm, _ = engine.optimizer.step()
+        skipped = not success
+        if success:
+            engine.scheduler.step(increment=1)
+    sums = torch.zeros(3, dtype=torch.float64, device=device)
+    for out in outputs or []:
+        sums += out["sums"].to(torch.float64)
+    # Only last-stage ranks hold sums, replicated over TP: sum over the world, divide by TP.
+    dist.all_reduce(sums)
+    sums /= pg.tp.size()
+    kd_sum, ce_sum, tokens = sums.tolist()
+    denom = max(tokens, 1.0)
+    loss = (cfg.loss.kd_weight * kd_sum + cfg.loss.ce_weight * ce_sum) / denom
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    global_tokens = seq_length * micro_batch_size * len(microbatches) * cfg.data_parallel_size(
+        dist.get_world_size()
+    )
+    return IterationStats(
+        iteration=iteration,
+        loss=loss,
+        kd_loss=kd_sum / denom,
+        ce_loss=ce_sum / denom,
+        num_tokens=int(tokens),
+        lr=lr,
+        grad_norm=None if grad_norm is None else float(grad_norm),
+        seconds=seconds,
+        tokens_per_sec=global_tokens / seconds,
+        skipped=skipped,
+    )
