@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -29,7 +30,11 @@ def main(argv: list[str] | None = None) -> int:
             shutdown()
     except ConfigError as err:
         if int(os.environ.get("RANK", "0")) == 0:
-            print(f"error: {err}", file=sys.stderr)
+            print(f"error: {err}", file=sys.stderr, flush=True)
+        else:
+            # Every rank finds the same error; let rank 0 report it before torchrun, seeing a
+            # rank exit, terminates the others.
+            time.sleep(5)
         return 2
     return 0
 

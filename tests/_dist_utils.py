@@ -138,6 +138,7 @@ def run_distributed(
     for proc in procs:
         proc.start()
 
+    where = f"run_distributed({getattr(fn, '__qualname__', fn)}, world_size={world_size})"
     outputs: dict[int, Any] = {}
     deadline = time.monotonic() + timeout
     try:
@@ -152,16 +153,16 @@ def run_distributed(
                         rank, ok, payload = results_q.get(timeout=1.0)
                     except queue.Empty:
                         codes = ", ".join(f"rank {r} exit code {procs[r].exitcode}" for r in dead)
-                        raise RuntimeError(f"run_distributed({fn.__qualname__}): {codes} without reporting a result") from None
+                        raise RuntimeError(f"{where}: {codes} without reporting a result") from None
                 elif time.monotonic() > deadline:
                     missing = sorted(set(range(world_size)) - set(outputs))
                     raise TimeoutError(
-                        f"run_distributed({fn.__qualname__}): ranks {missing} did not finish within {timeout} s"
+                        f"{where}: ranks {missing} did not finish within {timeout} s"
                     ) from None
                 else:
                     continue
             if not ok:
-                raise RuntimeError(f"run_distributed({fn.__qualname__}): rank {rank} of {world_size} raised:\n{payload}")
+                raise RuntimeError(f"{where}: rank {rank} of {world_size} raised:\n{payload}")
             outputs[rank] = pickle.loads(payload)
     finally:
         for proc in procs:

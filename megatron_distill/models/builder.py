@@ -21,6 +21,7 @@ from megatron.core.transformer.transformer_block import TransformerBlock, Transf
 
 from megatron_distill.config import ModelShape, ParallelConfig
 from megatron_distill.models.norms import TorchNorm
+from megatron_distill.models.sdpa_attention import SDPACoreAttention
 
 
 def padded_vocab_size(vocab_size: int, tp_size: int) -> int:
@@ -75,8 +76,8 @@ def transformer_config(
 def layer_spec(shape: ModelShape, transformer_impl: str, layers_on_stage: int):
     """Megatron spec of this stage's transformer block: local modules or Transformer Engine.
 
-    The local spec swaps Megatron's torch norm wrapper for ``TorchNorm`` so that sequence
-    parallelism works without apex.
+    The local spec swaps Megatron's torch norm wrapper for ``TorchNorm`` (sequence parallelism
+    without apex) and its unfused core attention for ``SDPACoreAttention`` (flash kernels).
     """
     if transformer_impl == "transformer_engine":
         return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=shape.qk_layernorm)
@@ -85,6 +86,7 @@ def layer_spec(shape: ModelShape, transformer_impl: str, layers_on_stage: int):
     sub.input_layernorm = TorchNorm
     sub.pre_mlp_layernorm = TorchNorm
     attn = sub.self_attention.submodules
+    attn.core_attention = SDPACoreAttention
     if shape.qk_layernorm:
         attn.q_layernorm = TorchNorm
         attn.k_layernorm = TorchNorm
