@@ -36,7 +36,8 @@ def count_parameters(model: torch.nn.Module, pg) -> int:
     local = 0
     for p in model.parameters():
         local += p.numel() if getattr(p, "tensor_model_parallel", False) else p.numel() / pg.tp.size()
-    total = torch.tensor([local], dtype=torch.float64)
+    device = next(model.parameters()).device
+    total = torch.tensor([local], dtype=torch.float64, device=device)
     dist.all_reduce(total, group=pg.mp)
     return int(round(total.item()))
 

@@ -81,6 +81,7 @@ def run_iteration(engine: Engine, microbatches: list[dict], iteration: int, devi
     if not forward_only:
         engine.model.zero_grad_buffer()
         engine.optimizer.zero_grad()
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     fwd_bwd = get_forward_backward_func()
     kwargs = {}
     if pg.pp.size() > 1:
@@ -102,14 +103,18 @@ def run_iteration(engine: Engine, microbatches: list[dict], iteration: int, devi
         forward_only=forward_only,
         **kwargs,
     )
+    sync()
+    fwd_bwd_end = time.perf_counter()
     grad_norm = None
     skipped = False
-    lr = engine.optimizer.param_groups[0]["lr"]
+    lr = engine.optimizer.param_groups[0]["lr"] if engine.optimizer is not None else 0.0
     if not forward_only:
         success, grad_norm, _ = engine.optimizer.step()
         skipped = not success
         if success:
             engine.scheduler.step(increment=1)
+    sync()
+    optimizer_end = time.perf_counter()
     sums = torch.zeros(3, dtype=torch.float64, device=device)
     for out in outputs or []:
         sums += out["sums"].to(torch.float64)
@@ -119,8 +124,6 @@ def run_iteration(engine: Engine, microbatches: list[dict], iteration: int, devi
     kd_sum, ce_sum, tokens = sums.tolist()
     denom = max(tokens, 1.0)
     loss = (cfg.loss.kd_weight * kd_sum + cfg.loss.ce_weight * ce_sum) / denom
-    if device.type == "cuda":
-        torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     global_tokens = seq_length * micro_batch_size * len(microbatches) * cfg.data_parallel_size(
         dist.get_world_size()
@@ -136,4 +139,8 @@ def run_iteration(engine: Engine, microbatches: list[dict], iteration: int, devi
         seconds=seconds,
         tokens_per_sec=global_tokens / seconds,
         skipped=skipped,
+        extra={
+            "forward_backward_seconds": fwd_bwd_end - start,
+            "optimizer_seconds": optimizer_end - fwd_bwd_end,
+        },
     )

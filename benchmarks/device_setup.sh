@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Source this on a GPU machine that has torch but not megatron-core / omegaconf: installs the
+# wheels carried in .whl/ (megatron-core 0.16.1, omegaconf, antlr4 runtime, liger-kernel) into
+# /tmp/site and puts it and the repository on PYTHONPATH. No network needed.
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+export PYTHONPATH=/tmp/site:$(pwd):${PYTHONPATH:-}
+export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
