@@ -122,7 +122,7 @@ def plan_chunks(
         teacher_rows = chunk
     if teacher_chunk_tokens is not None:
         teacher_rows = teacher_chunk_tokens
-    teacher = _balanced(chunk, max(min(teacher_rows, chunk), 1), 1 if chunk_tokens else _ROW_ALIGN)
+    teacher = _balanced(chunk, max(min(teacher_rows, chunk), 1), 1 if chunk_tokens else 16)
     return chunk, min(teacher, chunk)
 
 

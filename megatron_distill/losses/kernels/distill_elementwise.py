@@ -59,6 +59,7 @@ def triton_available(device: torch.device) -> bool:
 
 
 if triton is not None:
+    _LN2 = tl.constexpr(LN2)  # kernels may only read globals that are constexpr
 
     @triton.jit
     def _online_stats(zs_row, zt_row, n_cols, scale2, WANT_CROSS: tl.constexpr, BLOCK_V: tl.constexpr):
@@ -133,7 +134,7 @@ if triton is not None:
         lg_t = tl.log2(l_t)
         # Reverse KL of the whole row (all shards): E_pS[s - t] - (lse_s - lse_t), natural log.
         # dz needs it before the row is revisited, and it is the only row-global term dz needs.
-        rkl = LN2 * (a / l_s - ((m_s - m_t) * scale2 + lg_s - lg_t))
+        rkl = (a / l_s - ((m_s - m_t) * scale2 + lg_s - lg_t)) * _LN2
         offs = tl.arange(0, BLOCK_V)
         acc = tl.zeros([BLOCK_V], dtype=tl.float32)
         for start in range(0, n_cols, BLOCK_V):
@@ -144,14 +145,14 @@ if triton is not None:
             ps = tl.exp2(ls)
             pt = tl.exp2(lt)
             if REVERSE:
-                dz = ps * (LN2 * (ls - lt) - rkl)
+                dz = ps * ((ls - lt) * _LN2 - rkl)
                 term = ps * (ls - lt)
             else:
                 dz = ps - pt
                 term = pt * (lt - ls)
             tl.store(zs_row + cols, (dz * grad_scale).to(zs_ptr.dtype.element_ty), mask=mask)
             acc += tl.where(mask, term, 0.0)
-        tl.store(loss_ptr + row, LN2 * tl.sum(acc, axis=0))
+        tl.store(loss_ptr + row, tl.sum(acc, axis=0) * _LN2)
 
     @triton.jit
     def _jsd_row_sums_kernel(
@@ -185,8 +186,8 @@ if triton is not None:
             lm = tl.log2(tl.where(valid, mix, 1.0))
             acc_s += tl.where(valid, ps * (ls - lm), 0.0)
             acc_t += tl.where(valid, pt * (lt - lm), 0.0)
-        kl_s = LN2 * tl.sum(acc_s, axis=0)
-        kl_t = LN2 * tl.sum(acc_t, axis=0)
+        kl_s = tl.sum(acc_s, axis=0) * _LN2
+        kl_t = tl.sum(acc_t, axis=0) * _LN2
         tl.store(sums_ptr + row, kl_s)
         tl.store(sums_ptr + n_rows + row, beta * kl_t + (1.0 - beta) * kl_s)
 
@@ -213,7 +214,7 @@ if triton is not None:
             mix = beta * tl.exp2(lt) + (1.0 - beta) * ps
             valid = mix > 0.0
             lm = tl.log2(tl.where(valid, mix, 1.0))
-            dz = tl.where(valid, ps * (LN2 * (ls - lm) - kl_s), 0.0)
+            dz = tl.where(valid, ps * ((ls - lm) * _LN2 - kl_s), 0.0)
             tl.store(zs_row + cols, (dz * scale).to(zs_ptr.dtype.element_ty), mask=mask)
 
 
@@ -322,7 +323,7 @@ def row_stats(
     if impl == "torch":
         return _torch_stats(zs, zt, scale2, want_cross)
     rows, n_cols = zs.shape
-    stats = torch.zeros((N_STATS, rows), dtype=torch.float32, device=zs.device)
+    stats = torch.empty((N_STATS, rows), dtype=torch.float32, device=zs.device)
     if rows == 0:
         return stats
     block_v, num_warps = _launch_config(zs, block_v, num_warps)
@@ -396,7 +397,7 @@ def jsd_row_sums(
             stats.copy_(_torch_stats(zs, zt, scale2, False))
         return _torch_jsd_row_sums(zs, zt, stats, scale2, beta)
     rows, n_cols = zs.shape
-    sums = torch.zeros((2, rows), dtype=torch.float32, device=zs.device)
+    sums = torch.empty((2, rows), dtype=torch.float32, device=zs.device)
     if rows == 0:
         return sums
     block_v, num_warps = _launch_config(zs, block_v, num_warps)
