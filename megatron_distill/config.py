@@ -223,6 +223,11 @@ def validate(cfg: DistillConfig, world_size: int) -> None:
         errors.append("--kd-loss-weight and --kd-ce-weight must be >= 0")
     if loss.kd_weight == 0 and loss.ce_weight == 0:
         errors.append("--kd-loss-weight and --kd-ce-weight are both 0: nothing to train on")
+    if loss.impl == "fused" and loss.ce_weight > 0:
+        errors.append(
+            "--kd-loss-impl fused computes the distillation term only: use --kd-loss-impl reference (or auto) "
+            "with --kd-ce-weight > 0"
+        )
     if loss.impl not in KD_LOSS_IMPLS:
         errors.append(f"--kd-loss-impl must be one of {KD_LOSS_IMPLS}, got {loss.impl!r}")
     if train.seq_length > cfg.student.max_position_embeddings and cfg.student.position_embedding_type == (

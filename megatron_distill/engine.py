@@ -60,6 +60,18 @@ def build_model(shape: ModelShape, cfg: DistillConfig, pg: ProcessGroupCollectio
     return model.to(device=device, dtype=tcfg.params_dtype)
 
 
+def kd_loss_output_mode(cfg: DistillConfig, device: torch.device) -> str:
+    """``"hidden"`` (fused output layer + loss) or ``"logits"`` (reference loss on logits).
+
+    ``--kd-loss-impl auto`` takes the fused kernel on CUDA when there is no cross-entropy term
+    (the fused path computes the distillation term only), the reference otherwise.
+    """
+    impl = cfg.loss.impl
+    if impl == "auto":
+        impl = "fused" if device.type == "cuda" and cfg.loss.ce_weight == 0 else "reference"
+    return "hidden" if impl == "fused" else "logits"
+
+
 @dataclass
 class Engine:
     """A ready-to-train stage: the DDP-wrapped DistillStage, its optimizer and LR schedule."""

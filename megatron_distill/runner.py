@@ -16,7 +16,7 @@ from megatron.core import parallel_state
 
 from megatron_distill.config import DistillConfig, LossConfig, validate
 from megatron_distill.data.synthetic import MarkovSource, SyntheticBatches
-from megatron_distill.engine import build_model, init_model_parallel, wrap_stage
+from megatron_distill.engine import build_model, init_model_parallel, kd_loss_output_mode, wrap_stage
 from megatron_distill.metrics import MetricsLogger
 from megatron_distill.pipeline.stage import DistillStage
 from megatron_distill.platform import DeviceContext, init_distributed, resolve_device
@@ -113,7 +113,9 @@ def run(cfg: DistillConfig, stream=None) -> list[IterationStats]:
         f"{count_parameters(teacher, pg):,} parameters (frozen)",
         stream,
     )
-    engine = wrap_stage(DistillStage(student, teacher), cfg, pg)
+    output_mode = kd_loss_output_mode(cfg, ctx.device)
+    _print0(f"distillation loss: {'fused output layer + loss' if output_mode == 'hidden' else 'reference'}", stream)
+    engine = wrap_stage(DistillStage(student, teacher, output_mode=output_mode), cfg, pg)
     logger = MetricsLogger(cfg.train.metrics_file, ctx.rank, cfg.train.train_iters, stream=stream)
     start = time.perf_counter()
     history = _loop(engine, _data(cfg, pg, world), cfg.train.train_iters, ctx, logger, cfg.train.log_interval)

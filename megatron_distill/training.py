@@ -19,7 +19,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
 
 from megatron_distill.engine import Engine
-from megatron_distill.pipeline.loss_step import distill_loss_sums
+from megatron_distill.pipeline.loss_step import distill_loss_sums, fused_distill_loss_sums
 from megatron_distill.pipeline.stage import concat_hidden_shapes_fn
 
 
@@ -41,7 +41,8 @@ class IterationStats:
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    """Tensors to ``device``; non-tensor entries (e.g. ``meta``) stay as they are."""
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 def make_forward_step(engine: Engine, device: torch.device) -> Callable:
@@ -50,9 +51,19 @@ def make_forward_step(engine: Engine, device: torch.device) -> Callable:
 
     def forward_step(data_iterator, model):
         batch = _to_device(next(data_iterator), device)
-        out = model(batch["tokens"], batch["position_ids"], None)
+        out = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"))
         if not engine.stage.post_process:
             return out, None
+        if engine.stage.output_mode == "hidden":
+            student_hidden, student_weight, teacher_hidden, teacher_weight = out
+
+            def fused_loss_func(output_tensor):
+                return fused_distill_loss_sums(
+                    output_tensor, student_weight, teacher_hidden, teacher_weight, batch["loss_mask"],
+                    loss_cfg, engine.vocab_shard, engine.pg.tp, engine.cfg.parallel.sequence_parallel,
+                )
+
+            return student_hidden, fused_loss_func
         student_logits, teacher_logits = out
 
         def loss_func(teacher_logits, output_tensor):

@@ -85,3 +85,44 @@ def distill_loss_sums(
         total = total + loss_cfg.ce_weight * ce_sum
     stats = torch.stack([kd_sum.detach(), ce_sum.detach(), num_tokens.detach()])
     return total, num_tokens.to(torch.int), {"sums": stats}
+
+
+def fused_distill_loss_sums(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    loss_mask: torch.Tensor,
+    loss_cfg: LossConfig,
+    shard: VocabShard,
+    tp_group: ProcessGroup,
+    sequence_parallel: bool,
+):
+    """Like ``distill_loss_sums`` but from hidden states, through the fused output-layer + loss.
+
+    ``student_hidden`` ``[s, b, h_s]`` and ``teacher_hidden`` ``[s, b, h_t]`` (``s / tp`` rows
+    with sequence parallelism), output weights ``[V_local, h]`` (this rank's vocab shard),
+    ``loss_mask`` ``[b, s]``. Logits are never materialised beyond one token chunk.
+    """
+    from megatron_distill.losses.fused import fused_linear_distill_loss
+
+    # Tokens are flattened sequence-major, matching Megatron's [s, b, h] (and SP's s-split).
+    mask = loss_mask.transpose(0, 1).reshape(-1).float()
+    num_tokens = mask.sum()
+    kd_sum = fused_linear_distill_loss(
+        student_hidden.reshape(-1, student_hidden.shape[-1]),
+        student_weight[: shard.valid],
+        teacher_hidden.reshape(-1, teacher_hidden.shape[-1]),
+        teacher_weight[: shard.valid],
+        loss_cfg.kind,
+        beta=loss_cfg.beta,
+        temperature=loss_cfg.temperature,
+        loss_mask=mask,
+        tp_group=tp_group,
+        sequence_parallel=sequence_parallel,
+        reduction="sum",
+    )
+    total = loss_cfg.kd_weight * kd_sum
+    zero = torch.zeros((), dtype=torch.float32, device=kd_sum.device)
+    stats = torch.stack([kd_sum.detach().float(), zero, num_tokens.detach()])
+    return total, num_tokens.to(torch.int), {"sums": stats}

@@ -28,7 +28,7 @@ TEACHER = ModelShape(
 )
 
 
-def make_config(tp: int, pp: int, *, kind: str = "jsd", ce_weight: float = 0.3,
+def make_config(tp: int, pp: int, *, kind: str = "jsd", ce_weight: float = 0.3, impl: str = "reference",
                 sequence_parallel: bool = False, micro_batch_size: int = 2, global_batch_size: int = 8, distributed_optimizer: bool = False,
                 train_iters: int = 3, seq_length: int = 16) -> DistillConfig:
     """The shared test config at a given layout."""
@@ -36,7 +36,7 @@ def make_config(tp: int, pp: int, *, kind: str = "jsd", ce_weight: float = 0.3,
         student=STUDENT,
         teacher=TEACHER,
         parallel=ParallelConfig(tp, pp, sequence_parallel),
-        loss=LossConfig(kind=kind, beta=0.4, temperature=1.5, ce_weight=ce_weight),
+        loss=LossConfig(kind=kind, beta=0.4, temperature=1.5, ce_weight=ce_weight, impl=impl),
         train=TrainConfig(
             seq_length=seq_length, micro_batch_size=micro_batch_size, global_batch_size=global_batch_size,
             train_iters=train_iters, lr=1e-2, lr_warmup_iters=0, lr_decay_style="constant",
@@ -103,7 +103,8 @@ def run_layout(weights_path: str, tp: int, pp: int, iters: int = 3, **cfg_kwargs
             gated_mlp=shape.swiglu,
         )
     teacher_before = {k: v.clone() for k, v in teacher.state_dict().items() if torch.is_tensor(v)}
-    engine = wrap_stage(DistillStage(student, teacher), cfg, pg)
+    output_mode = "hidden" if cfg.loss.impl == "fused" else "logits"
+    engine = wrap_stage(DistillStage(student, teacher, output_mode=output_mode), cfg, pg)
     data = SyntheticBatches(
         MarkovSource(VOCAB, 4, seed=3), cfg.train.seq_length, cfg.train.global_batch_size,
         cfg.train.micro_batch_size, pg.dp.rank(), cfg.data_parallel_size(world),

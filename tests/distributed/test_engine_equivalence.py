@@ -112,3 +112,28 @@ def test_distributed_optimizer_dp2_matches(weights, reference):
         kwargs={"distributed_optimizer": True},
     )
     _check_against_reference(results, reference, check_grads=False)
+
+
+@pytest.fixture(scope="module")
+def reference_kd_only(weights):
+    return run_distributed(
+        run_layout_worker, 1, weights, 1, 1, init_process_group=False, timeout=120, kwargs={"ce_weight": 0.0}
+    )[0]
+
+
+@pytest.mark.parametrize(
+    "world,tp,pp,extra",
+    [
+        (1, 1, 1, {}),
+        (2, 2, 1, {"sequence_parallel": True}),
+        (2, 1, 2, {}),
+    ],
+    ids=["fused-tp1", "fused-tp2-sequence-parallel", "fused-pp2"],
+)
+def test_fused_loss_in_engine_matches_reference(weights, reference_kd_only, world, tp, pp, extra):
+    """The fused output-layer + loss path (hidden states to the loss) equals the reference path."""
+    results = run_distributed(
+        run_layout_worker, world, weights, tp, pp, init_process_group=False, timeout=300,
+        kwargs={"ce_weight": 0.0, "impl": "fused", **extra},
+    )
+    _check_against_reference(results, reference_kd_only)
