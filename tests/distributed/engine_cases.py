@@ -29,7 +29,8 @@ TEACHER = ModelShape(
 
 
 def make_config(tp: int, pp: int, *, kind: str = "jsd", ce_weight: float = 0.3, impl: str = "reference",
-                sequence_parallel: bool = False, micro_batch_size: int = 2, global_batch_size: int = 8, distributed_optimizer: bool = False,
+                sequence_parallel: bool = False,
+                micro_batch_size: int = 2, global_batch_size: int = 8, distributed_optimizer: bool = False,
                 train_iters: int = 3, seq_length: int = 16) -> DistillConfig:
     """The shared test config at a given layout."""
     return DistillConfig(
