@@ -19,11 +19,14 @@ setup(
         "omegaconf>=2.3",
         "datasets>=2.19",
         "triton>=3.0",
+        "transformers>=4.45",
+        "safetensors>=0.4",
         "numpy",
         "packaging>=24.2",
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6"],
+        # Hugging Face tokenizers / checkpoints (local files only; no hub access needed).
         "te": ["transformer-engine[pytorch]>=2.9"],
         "sglang": ["sglang"],
         "ray": ["ray[default]>=2.9"],

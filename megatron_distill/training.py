@@ -93,7 +93,7 @@ def run_iteration(engine: Engine, microbatches: list[dict], iteration: int, devi
         engine.model.zero_grad_buffer()
         engine.optimizer.zero_grad()
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    fwd_bwd = get_forward_backward_func()
+    fwd_bwd = get_forward_backward_func(pp_size=pg.pp.size(), vp_size=None)
     kwargs = {}
     if pg.pp.size() > 1:
         kwargs["p2p_communicator"] = P2PCommunicator(pp_group=pg.pp, config=stage.config)
