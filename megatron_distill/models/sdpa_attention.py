@@ -23,7 +23,7 @@ class SDPACoreAttention(MegatronModule):
     """Causal (or masked) multi-head attention on this TP rank's heads.
 
     Inputs ``query [sq, b, np, hn]``, ``key``/``value`` ``[sk, b, ng, hn]`` (``np`` and ``ng``
-    per TP rank); output ``[sq, b, np * hn]``.
+    per TP rank; ``sk >= sq``, larger with a KV cache); output ``[sq, b, np * hn]``.
     """
 
     def __init__(self, config: TransformerConfig, layer_number: int, attn_mask_type: AttnMaskType,
@@ -41,7 +41,14 @@ class SDPACoreAttention(MegatronModule):
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 attention_mask: torch.Tensor | None, attn_mask_type: AttnMaskType | None = None,
                 attention_bias: torch.Tensor | None = None, packed_seq_params=None) -> torch.Tensor:
-        """Attention output ``[sq, b, np * hn]``; ``attention_mask`` True marks masked pairs."""
+        """Attention output ``[sq, b, np * hn]``; ``attention_mask`` True marks masked pairs.
+
+        ``sk`` may exceed ``sq`` with Megatron's KV cache (``inference_context``): an explicit
+        ``attention_mask`` (broadcastable to ``[b, np, sq, sk]``) is used as given; without one,
+        a causal mask aligns the ``sq`` queries with the last ``sq`` keys, and a decode step
+        (``sq == 1``, or ``AttnMaskType.no_mask``, which Megatron passes once the cache holds
+        the prompt) attends to every cached key.
+        """
         if packed_seq_params is not None or attention_bias is not None:
             raise NotImplementedError("packed sequences / attention bias need transformer_engine attention")
         mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
@@ -50,10 +57,14 @@ class SDPACoreAttention(MegatronModule):
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
         attn_mask = None
         is_causal = False
+        sk = k.shape[2]
         if attention_mask is not None:
             attn_mask = ~attention_mask.bool()
         elif mask_type == AttnMaskType.causal and sq > 1:
-            is_causal = True
+            if sq == sk:
+                is_causal = True
+            else:  # queries are the last sq of sk positions (KV cache): bottom-right aligned
+                attn_mask = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril(diagonal=sk - sq)
         dropout_p = self.dropout_p if self.training else 0.0
         kwargs = dict(attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
                       scale=self.softmax_scale, enable_gqa=k.shape[1] != heads)
