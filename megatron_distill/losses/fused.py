@@ -15,10 +15,11 @@ Per chunk of ``C`` (unmasked) tokens:
    all-reduced row sum, KL(p_S || M), between its statistics and dz);
 3. ``grad_h[rows] = dz W_S`` and ``grad_W += dz^T h_S``.
 
-The teacher sub-chunk exists for memory: the student buffer must hold the whole chunk (it
-becomes dz, the operand of the weight-gradient GEMM, whose cost per chunk includes a read and
-write of the whole ``[V_local, h_s]`` gradient, so chunks should be long), while teacher logits
-are dead as soon as their rows' dz is written.
+A teacher sub-chunk shorter than the chunk saves memory (teacher logits die once their rows'
+dz is written, while the student buffer becomes dz, the operand of the weight-gradient GEMM,
+whose cost per chunk includes a read and write of the whole ``[V_local, h_s]`` gradient). On an
+H100 the extra GEMM / element-wise transitions cost more than that saves, so by default
+``C_t = C`` (``plan_chunks``).
 """
 
 from __future__ import annotations
@@ -43,12 +44,10 @@ IMPL_ENV = "MEGATRON_DISTILL_FUSED_IMPL"
 IMPLS = ("triton", "torch")
 REDUCTIONS = ("mean", "sum")
 
-# Logits buffers (student chunk + teacher sub-chunk) get at most this much memory, and at most
-# half of what is free. See benchmarks/NOTES_loss_kernel.md for the measurements behind it.
-_MAX_BUFFER_BYTES = 1 << 30
-_CPU_BUFFER_BYTES = 64 << 20
-_TEACHER_ROWS = 512  # a teacher GEMM with M = 512 still streams W_T at full tensor-core speed
-_ROW_ALIGN = 64
+# Logits buffers (student chunk + teacher sub-chunk) get at least this much memory (see
+# plan_chunks and benchmarks/NOTES_loss_kernel.md for the measurements behind the rule).
+_MIN_BUFFER_BYTES = 256 << 20
+_ROW_ALIGN = 128  # whole 128-row GEMM tiles
 
 
 @dataclass(frozen=True)
@@ -92,6 +91,7 @@ def _balanced(n: int, max_len: int, align: int) -> int:
 def plan_chunks(
     n_rows: int,
     v_local: int,
+    hidden: int,
     elem_bytes: int,
     device: torch.device,
     chunk_tokens: int | None = None,
@@ -99,31 +99,30 @@ def plan_chunks(
 ) -> tuple[int, int]:
     """Rows per student chunk ``C`` and per teacher sub-chunk ``C_t`` (``C_t <= C``).
 
-    Without overrides the two logits buffers, ``(C + C_t) * V_local * elem_bytes``, are sized to
-    ``min(free / 2, 1 GiB)`` on CUDA (64 MiB on the CPU), with ``C_t`` about 512 rows; both are
-    balanced so that ``n_rows`` splits into equal chunks.
+    Without overrides the two logits buffers, ``(C + C_t) * V_local * elem_bytes``, get as much
+    memory as the student weight gradient ``V_local * hidden * elem_bytes`` (at least 256 MiB,
+    at most half of what is free on CUDA), so the loss's transient memory stays within twice
+    the weight gradient, and ``C_t = C``: on an H100 one teacher GEMM and one set of
+    element-wise launches per chunk beat shorter teacher sub-chunks with a longer student
+    chunk at equal memory (benchmarks/NOTES_loss_kernel.md). ``C`` is a multiple of 128 that
+    splits ``n_rows`` into nearly equal chunks.
     """
     if n_rows <= 0:
         return 1, 1
     if chunk_tokens is None:
         row_bytes = max(v_local * elem_bytes, 1)
+        budget = max(v_local * hidden * elem_bytes, _MIN_BUFFER_BYTES)
         if device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(device)
             # the caching allocator's idle blocks are free for us too
             free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-            budget = min(free // 2, _MAX_BUFFER_BYTES)
-        else:
-            budget = _CPU_BUFFER_BYTES
-        total_rows = max(budget // row_bytes, 2 * _ROW_ALIGN)
-        teacher_rows = min(_TEACHER_ROWS, total_rows // 4)
-        chunk = _balanced(n_rows, total_rows - teacher_rows, _ROW_ALIGN)
+            budget = min(budget, free // 2)
+        rows = max(budget // (2 * row_bytes) // _ROW_ALIGN * _ROW_ALIGN, _ROW_ALIGN)
+        chunk = _balanced(n_rows, rows, _ROW_ALIGN)
     else:
         chunk = _balanced(n_rows, chunk_tokens, 1)
-        teacher_rows = chunk
-    if teacher_chunk_tokens is not None:
-        teacher_rows = teacher_chunk_tokens
-    teacher = _balanced(chunk, max(min(teacher_rows, chunk), 1), 1 if chunk_tokens else 16)
-    return chunk, min(teacher, chunk)
+    teacher_rows = chunk if teacher_chunk_tokens is None else teacher_chunk_tokens
+    return chunk, min(teacher_rows, chunk)
 
 
 def _rows(t: torch.Tensor, idx: torch.Tensor | None, r0: int, r1: int) -> torch.Tensor:
@@ -131,7 +130,7 @@ def _rows(t: torch.Tensor, idx: torch.Tensor | None, r0: int, r1: int) -> torch.
 
 
 def _reduce_stats_(stats: torch.Tensor, temperature: float, group: ProcessGroup) -> None:
-    """Turn each rank's per-row (max, sum-exp) into the global ones: max, rescale, sum."""
+    """Turn each rank's per-row (max, sum-exp) ``[5, 1, rows]`` into the global ones."""
     m_local = stats[:2].clone()
     all_reduce_max_(stats[:2], group)
     # maxima are raw logits; the sums are of 2^((z - m) log2(e) / tau)
@@ -143,29 +142,26 @@ def _reduce_stats_(stats: torch.Tensor, temperature: float, group: ProcessGroup)
 
 
 def _loss_grad_(zs, zt, loss_out, cfg: _Config, grad_scale: float) -> None:
-    """One teacher sub-chunk: loss partials into ``loss_out``, dz (scaled) over ``zs``."""
-    tp = group_size(cfg.tp_group) > 1
-    impl, tau = cfg.impl, cfg.temperature
+    """One teacher sub-chunk: loss partials into ``loss_out`` ``[P, rows]``, dz over ``zs``."""
+    group, impl, tau = cfg.tp_group, cfg.impl, cfg.temperature
+    tp = group_size(group) > 1
+    split = loss_out.shape[0]
+    reverse = cfg.kind == "reverse_kl"
+    stats = ew.row_stats(zs, zt, tau, reverse, impl, split=split)
+    if tp:
+        stats = ew.combine_stats(stats, tau)
+        _reduce_stats_(stats, tau, group)
     if cfg.kind in ("forward_kl", "reverse_kl"):
-        reverse = cfg.kind == "reverse_kl"
-        stats = None
-        if tp:
-            stats = ew.row_stats(zs, zt, tau, reverse, impl)
-            _reduce_stats_(stats, tau, cfg.tp_group)
         ew.kl_loss_grad_(
             zs, zt, stats, loss_out, reverse=reverse, temperature=tau, grad_scale=grad_scale, impl=impl
         )
         return
+    kl_s = ew.jsd_row_sums(zs, zt, stats, loss_out, beta=cfg.beta, temperature=tau, impl=impl)
     if tp:
-        stats = ew.row_stats(zs, zt, tau, False, impl)
-        _reduce_stats_(stats, tau, cfg.tp_group)
-    else:
-        stats = torch.empty((ew.N_STATS, zs.shape[0]), dtype=torch.float32, device=zs.device)
-    sums = ew.jsd_row_sums(zs, zt, stats, beta=cfg.beta, temperature=tau, compute_stats=not tp, impl=impl)
-    loss_out.copy_(sums[1])
-    if tp:
-        all_reduce_sum_(sums[0], cfg.tp_group)
-    ew.jsd_grad_(zs, zt, stats, sums, beta=cfg.beta, temperature=tau, grad_scale=grad_scale, impl=impl)
+        kl_s = all_reduce_sum_(kl_s.sum(dim=0, keepdim=True), group)
+    ew.jsd_grad_(
+        zs, zt, stats, kl_s, beta=cfg.beta, temperature=tau, grad_scale=grad_scale, impl=impl, split=split
+    )
 
 
 def _accumulate_weight_grad(grad_w, dz, h, first: bool) -> None:
@@ -209,12 +205,14 @@ def _fused_forward(hs, ws, ht, wt, loss_mask, cfg: _Config, need_gh: bool, need_
     grad_w = None
     if need_gw:
         w_dtype = torch.float32 if cfg.fp32_weight_grad else ws.dtype
-        grad_w = torch.zeros(ws.shape, dtype=w_dtype, device=device)
-    loss_rows = torch.zeros(n, dtype=torch.float32, device=device)
-
+        # the first chunk overwrites it (beta = 0): no memset of a [V_local, h_s] tensor
+        grad_w = (torch.empty if n > 0 else torch.zeros)(ws.shape, dtype=w_dtype, device=device)
     chunk, teacher_chunk = plan_chunks(
-        n, v_local, ws.element_size(), device, cfg.chunk_tokens, cfg.teacher_chunk_tokens
+        n, v_local, ws.shape[1], ws.element_size(), device, cfg.chunk_tokens, cfg.teacher_chunk_tokens
     )
+    # per-row loss partials, one per vocab segment of the element-wise kernels' grid
+    split = ew.default_split(teacher_chunk, v_local, device) if cfg.impl == "triton" else 1
+    loss_parts = torch.zeros((split, n), dtype=torch.float32, device=device)
     if n > 0:
         buf_s = torch.empty((chunk, v_local), dtype=ws.dtype, device=device)
         buf_t = torch.empty((teacher_chunk, v_local), dtype=wt.dtype, device=device)
@@ -227,7 +225,7 @@ def _fused_forward(hs, ws, ht, wt, loss_mask, cfg: _Config, need_gh: bool, need_
             t1 = min(t0 + teacher_chunk, c1 - c0)
             zt = buf_t[: t1 - t0]
             torch.mm(_rows(ht, idx, c0 + t0, c0 + t1), wt.t(), out=zt)
-            _loss_grad_(zs[t0:t1], zt, loss_rows[c0 + t0 : c0 + t1], cfg, grad_scale)
+            _loss_grad_(zs[t0:t1], zt, loss_parts[:, c0 + t0 : c0 + t1], cfg, grad_scale)
         if need_gh:
             if idx is None:
                 torch.mm(zs, ws, out=grad_h[c0:c1])
@@ -236,7 +234,7 @@ def _fused_forward(hs, ws, ht, wt, loss_mask, cfg: _Config, need_gh: bool, need_
         if need_gw:
             _accumulate_weight_grad(grad_w, zs, hs_c, first=c0 == 0)
 
-    loss = all_reduce_sum_(loss_rows.sum(), group) * grad_scale
+    loss = all_reduce_sum_(loss_parts.sum(), group) * grad_scale
     if need_gh:
         # each rank holds dz for its vocab shard only: the hidden's gradient is the sum
         if cfg.sequence_parallel:

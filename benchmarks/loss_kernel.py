@@ -1,0 +1,496 @@
+"""Output layer + distillation loss, forward + backward: floor, reference, fused, Liger.
+
+For each case (bf16, teacher without grad) it times side by side in one process:
+
+* ``floor``: the four bare matrix products any method must do (student logits, teacher logits,
+  grad wrt student hidden, grad wrt student weight);
+* ``reference``: full logits + ``losses.reference.distill_loss`` (fp32 inside), autograd;
+* ``fused``: ``losses.fused_linear_distill_loss`` (automatic chunking, plus ``--sweep``
+  configurations);
+* ``liger``: Liger-Kernel's ``LigerFusedLinearJSD`` (jsd, beta 0.5) when importable.
+
+Time is the median over repeats of CUDA-event-timed calls; memory is the peak allocated during
+one call minus the inputs alone (the gradients the call produces count).
+
+    python benchmarks/loss_kernel.py [--sweep] [--kernel-sweep] [--out DIR]
+    torchrun --nproc-per-node 2 benchmarks/loss_kernel.py --tp 2
+
+With ``--tp 2`` each rank holds V/2 vocab rows of both output layers (same global shapes) and the
+per-GPU time is reported, next to the TP=1 fused time measured on each GPU alone.
+Writes ``loss_kernel_<device>_<date>[_tp2].json`` and ``.md`` to ``--out``
+(default benchmarks/results).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from megatron_distill.losses import distill_loss, fused_linear_distill_loss  # noqa: E402
+from megatron_distill.losses.fused import plan_chunks  # noqa: E402
+from megatron_distill.losses.kernels import distill_elementwise as ew  # noqa: E402
+
+CASES = {
+    "T8k_V152k": dict(T=8192, h_s=2048, h_t=4096, V=151936),
+    "T16k_V128k": dict(T=16384, h_s=4096, h_t=8192, V=128256),
+}
+KINDS = {"jsd": 0.5, "forward_kl": 0.5}
+GIB = 1 << 30
+# (chunk_tokens, teacher_chunk_tokens, element-wise kernel config overrides): for --sweep
+SWEEP = [
+    (1024, 1024, {}),
+    (1536, 512, {}),
+    (2048, 256, {}),
+    (2048, 512, {}),
+    (4096, 512, {}),
+    (4096, 1024, {}),
+    (4096, 4096, {}),
+    (8192, 1024, {}),
+    (None, None, {"num_stages": 1}),
+]
+# (block_v, num_warps, num_stages, programs_per_sm): for --kernel-sweep
+KERNEL_SWEEP = [
+    (4096, 8, 1, 16),
+    (4096, 8, 2, 16),
+    (4096, 8, 3, 16),
+    (4096, 8, 4, 16),
+    (4096, 8, 3, 8),
+    (4096, 8, 3, 32),
+    (4096, 4, 3, 16),
+    (2048, 4, 3, 16),
+    (8192, 8, 3, 16),
+]
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def log(msg: str) -> None:
+    if _rank() == 0:
+        print(msg, flush=True)
+
+
+def timed(fn, reps: int, warmup: int, group=None) -> list[float]:
+    """Milliseconds per call (CUDA events), fixed repeat count so TP ranks stay in step."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        if group is not None:
+            dist.barrier(group)
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return times
+
+
+def peak_extra_gib(fn, clear) -> float:
+    """Peak allocated during one call minus the inputs alone, in GiB (gradients included).
+
+    ``fn`` runs once first (compilation, allocator warm-up); ``clear`` then drops the inputs'
+    gradients so that the baseline holds the inputs only.
+    """
+    fn()
+    clear()
+    gc.collect()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / GIB
+
+
+def make_inputs(case: dict, v_lo: int, v_hi: int, seed: int = 0):
+    """bf16 hidden states and this rank's rows [v_lo, v_hi) of both output layers."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+
+    def randn(*shape, std=1.0):
+        return (torch.randn(*shape, generator=g, device="cuda") * std).to(torch.bfloat16)
+
+    h = randn(case["T"], case["h_s"])
+    ht = randn(case["T"], case["h_t"])
+    # full weights drawn identically on every rank, then sliced: logits std ~2
+    w = randn(case["V"], case["h_s"], std=2.0 / case["h_s"] ** 0.5)[v_lo:v_hi].contiguous()
+    wt = randn(case["V"], case["h_t"], std=2.0 / case["h_t"] ** 0.5)[v_lo:v_hi].contiguous()
+    torch.cuda.empty_cache()
+    return h.requires_grad_(), w.requires_grad_(), ht, wt
+
+
+def _clear(*ts):
+    for t in ts:
+        t.grad = None
+
+
+def make_methods(h, w, ht, wt, group, sp_inputs=None):
+    def floor():
+        zs = h.detach() @ w.detach().T
+        zt = ht @ wt.T
+        zs @ w.detach()
+        zs.T @ h.detach()
+        del zt
+
+    def reference(kind):
+        def fn():
+            _clear(h, w)
+            zs = h @ w.T
+            with torch.no_grad():
+                zt = ht @ wt.T
+            distill_loss(zs, zt, kind, beta=KINDS[kind], tp_group=group).backward()
+
+        return fn
+
+    def fused(kind, **kw):
+        def fn():
+            _clear(h, w)
+            fused_linear_distill_loss(h, w, ht, wt, kind, beta=KINDS[kind], tp_group=group, **kw).backward()
+
+        return fn
+
+    def fused_sp(kind):
+        hl, htl = sp_inputs
+
+        def fn():
+            _clear(hl, w)
+            fused_linear_distill_loss(
+                hl, w, htl, wt, kind, beta=KINDS[kind], tp_group=group, sequence_parallel=True
+            ).backward()
+
+        return fn
+
+    return floor, reference, fused, fused_sp
+
+
+def liger_fn(h, w, ht, wt):
+    try:
+        from liger_kernel.transformers.fused_linear_jsd import LigerFusedLinearJSD
+    except Exception as exc:  # any import failure means "not available"
+        return None, f"liger not importable: {exc!r}"
+    module = LigerFusedLinearJSD(jsd_beta=0.5, temperature=1.0)
+
+    def fn():
+        _clear(h, w)
+        module(h, w, ht, wt, None).backward()  # shift_labels=None must be positional
+
+    return fn, None
+
+
+def measure(name, fn, reps, warmup, group, extra=None, clear=lambda: None):
+    row = dict(method=name, **(extra or {}))
+    try:
+        row["peak_extra_gib"] = round(peak_extra_gib(fn, clear), 3)
+        t = timed(fn, reps, warmup, group)
+        row.update(ms_median=round(statistics.median(t), 3), ms_min=round(min(t), 3))
+        row["ms_all"] = [round(x, 3) for x in t]
+    except torch.OutOfMemoryError:
+        row["error"] = "OOM"
+    except Exception as exc:  # record it and go on with the other methods
+        row["error"] = repr(exc)[:300]
+    gc.collect()
+    torch.cuda.empty_cache()
+    shown = row.get("ms_median", row.get("error"))
+    log(f"  {name:<48} {shown!s:>10} ms  {row.get('peak_extra_gib', '-')} GiB")
+    return row
+
+
+def check_against_reference(h, w, ht, wt, kind, group):
+    """Relative errors of the fused loss and gradients vs the reference (same bf16 inputs)."""
+    _clear(h, w)
+    zs = h @ w.T
+    with torch.no_grad():
+        zt = ht @ wt.T
+    ref = distill_loss(zs, zt, kind, beta=KINDS[kind], tp_group=group)
+    ref.backward()
+    del zs, zt
+    ref_gh, ref_gw = h.grad.float(), w.grad.float()
+    if group is not None:
+        # autograd leaves each rank its vocab shard's part of the hidden's gradient (Megatron's
+        # column-parallel layer sums them); the fused loss returns the sum
+        dist.all_reduce(ref_gh, group=group)
+    _clear(h, w)
+    torch.cuda.empty_cache()
+    loss = fused_linear_distill_loss(h, w, ht, wt, kind, beta=KINDS[kind], tp_group=group)
+    loss.backward()
+
+    def rel(a, b):
+        return ((a.float() - b).norm() / b.norm()).item()
+
+    out = dict(
+        loss_fused=loss.item(),
+        loss_reference=ref.item(),
+        loss_rel_err=abs(loss.item() - ref.item()) / abs(ref.item()),
+        grad_h_rel_err=rel(h.grad, ref_gh),
+        grad_w_rel_err=rel(w.grad, ref_gw),
+    )
+    _clear(h, w)
+    return out
+
+
+def _kernel_cases(zs0, zs, zt, split, kw):
+    """name -> (call, logits tensors moved) for one launch configuration."""
+    stats = ew.row_stats(zs0, zt, 1.0, False, split=split, **kw)
+    loss = torch.empty(split, zs0.shape[0], device=zs0.device)
+    kl = ew.jsd_row_sums(zs0, zt, stats, loss, beta=0.5, temperature=1.0, **kw)
+    common = dict(temperature=1.0, **kw)
+    return {
+        "row_stats": (lambda: ew.row_stats(zs0, zt, 1.0, False, split=split, **kw), 2),
+        "row_stats(reverse)": (lambda: ew.row_stats(zs0, zt, 1.0, True, split=split, **kw), 2),
+        "kl_loss_grad": (lambda: ew.kl_loss_grad_(zs, zt, stats, loss, reverse=False, grad_scale=1.0, **common), 3),
+        "jsd_row_sums": (lambda: ew.jsd_row_sums(zs0, zt, stats, loss, beta=0.5, **common), 2),
+        "jsd_grad": (lambda: ew.jsd_grad_(zs, zt, stats, kl, beta=0.5, grad_scale=1.0, split=split, **common), 3),
+    }
+
+
+def kernel_sweep(v: int, rows: int = 512):
+    """Bandwidth of the element-wise kernels alone (one 512-row teacher sub-chunk)."""
+    out = []
+    zs0 = torch.randn(rows, v, device="cuda").mul_(2).to(torch.bfloat16)
+    zt = torch.randn(rows, v, device="cuda").mul_(2).to(torch.bfloat16)
+    zs = zs0.clone()
+    unit = rows * v * 2
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    for block_v, num_warps, num_stages, per_sm in KERNEL_SWEEP:
+        if True:
+            split = max(1, min(triton_cdiv(v, block_v), triton_cdiv(per_sm * sms, rows)))
+            kw = dict(block_v=block_v, num_warps=num_warps, num_stages=num_stages)
+            for name, (fn, passes) in _kernel_cases(zs0, zs, zt, split, kw).items():
+                row = dict(kernel=name, **kw, split=split)
+                try:
+                    t = statistics.median(timed(fn, 10, 2))
+                    row.update(ms=round(t, 4), gbps=round(passes * unit / t / 1e6, 1))
+                except Exception as exc:
+                    row["error"] = repr(exc)[:99]
+                out.append(row)
+                log(f"  kernel {name:<20} {kw} split={split} {row.get('gbps')} GB/s")
+            zs.copy_(zs0)
+    return out
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def gemm_sweep(case: dict):
+    """Single GEMMs at chunk sizes: logits at M rows, weight-grad accumulation at K rows."""
+    out = []
+    v, hs, ht_dim = case["V"], case["h_s"], case["h_t"]
+    wt = torch.randn(v, ht_dim, device="cuda", dtype=torch.bfloat16)
+    ws = torch.randn(v, hs, device="cuda", dtype=torch.bfloat16)
+    gw = torch.zeros(v, hs, device="cuda", dtype=torch.bfloat16)
+    for m in (384, 512, 640, 1024, 2816, 4096):
+        for name, w, k in (("teacher_logits", wt, ht_dim), ("student_logits", ws, hs)):
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            z = torch.empty(m, v, device="cuda", dtype=torch.bfloat16)
+            t = statistics.median(timed(lambda x=x, z=z, w=w: torch.mm(x, w.T, out=z), 10, 2))
+            out.append(dict(gemm=name, rows=m, ms=round(t, 4), tflops=round(2 * m * v * k / t / 1e9, 1)))
+            log(f"  gemm {name:<16} M={m:<5} {out[-1]['tflops']} TFLOP/s")
+        dz = torch.randn(m, v, device="cuda", dtype=torch.bfloat16)
+        xs = torch.randn(m, hs, device="cuda", dtype=torch.bfloat16)
+        for name, fn in (
+            ("grad_w_addmm_bf16", lambda dz=dz, xs=xs: gw.addmm_(dz.T, xs)),
+            ("grad_w_mm_bf16_fresh", lambda dz=dz, xs=xs: torch.mm(dz.T, xs, out=gw)),
+            ("grad_h_mm", lambda dz=dz: torch.mm(dz, ws)),
+        ):
+            t = statistics.median(timed(fn, 10, 2))
+            out.append(dict(gemm=name, rows=m, ms=round(t, 4), tflops=round(2 * m * v * hs / t / 1e9, 1)))
+            log(f"  gemm {name:<22} K={m:<5} {out[-1]['tflops']} TFLOP/s")
+    return out
+
+
+def run_case(name, case, args, group, tp, rank):
+    v = case["V"]
+    v_lo, v_hi = (rank * v // tp, (rank + 1) * v // tp) if tp > 1 else (0, v)
+    h, w, ht, wt = make_inputs(case, v_lo, v_hi)
+    sp_inputs = None
+    if tp > 1:
+        block = slice(rank * case["T"] // tp, (rank + 1) * case["T"] // tp)
+        sp_inputs = (h.detach()[block].clone().requires_grad_(), ht[block].contiguous())
+    floor, reference, fused, fused_sp = make_methods(h, w, ht, wt, group, sp_inputs)
+    chunk, teacher_chunk = plan_chunks(case["T"], v_hi - v_lo, case["h_s"], 2, h.device)
+    v_local = v_hi - v_lo
+    res = dict(case=name, **case, tp=tp, v_local=v_local, auto_chunk=[chunk, teacher_chunk])
+    res.update(rows=[], checks={})
+    log(f"== {name} {case} tp={tp} V_local={v_local} auto chunk={chunk} teacher sub-chunk={teacher_chunk}")
+    r, w_ = args.reps, args.warmup
+    def clear():
+        _clear(h, w, *(sp_inputs[:1] if sp_inputs else ()))
+
+    res["rows"].append(measure("floor (4 GEMMs)", floor, r, w_, group, clear=clear))
+    for kind in args.kinds:
+        extra = dict(kind=kind, beta=KINDS[kind])
+        if not args.no_reference:
+            row = measure(f"reference {kind}", reference(kind), max(r // 2, 3), 1, group, extra, clear)
+            res["rows"].append(row)
+        res["rows"].append(measure(f"fused {kind}", fused(kind), r, w_, group, extra, clear))
+        if tp > 1:
+            label = f"fused {kind} sequence-parallel"
+            res["rows"].append(measure(label, fused_sp(kind), r, w_, group, extra, clear))
+        if args.sweep and tp == 1:
+            for c, ct, kernel in SWEEP:
+                if c is not None and c > case["T"]:
+                    continue
+                kw = dict(chunk_tokens=c, teacher_chunk_tokens=ct)
+                label = f"fused {kind} C={c or 'auto'} C_t={ct or 'auto'}" + "".join(
+                    f" {k}={v}" for k, v in kernel.items()
+                )
+                saved = dict(ew.KERNEL_CONFIG)
+                ew.KERNEL_CONFIG.update(kernel)
+                try:
+                    row = measure(label, fused(kind, **kw), r, w_, group, dict(extra, **kw, kernel=kernel), clear)
+                finally:
+                    ew.KERNEL_CONFIG.update(saved)
+                res["rows"].append(row)
+        if not args.no_reference:
+            try:
+                res["checks"][kind] = check_against_reference(h, w, ht, wt, kind, group)
+            except torch.OutOfMemoryError:
+                res["checks"][kind] = "OOM"
+            log(f"  check vs reference {kind}: {res['checks'][kind]}")
+    if tp == 1 and not args.no_liger:
+        fn, why = liger_fn(h, w, ht, wt)
+        if fn is None:
+            res["rows"].append(dict(method="liger jsd", error=why))
+            log(f"  liger: {why}")
+        else:
+            liger_row = measure("liger jsd", fn, max(r // 2, 3), 1, group, dict(kind="jsd", beta=0.5), clear)
+            res["rows"].append(liger_row)
+    if tp > 1:
+        # TP=1 on this GPU alone (full vocabulary), for the per-GPU speed-up
+        del h, w, ht, wt
+        torch.cuda.empty_cache()
+        h1, w1, ht1, wt1 = make_inputs(case, 0, v)
+        _, _, fused1, _ = make_methods(h1, w1, ht1, wt1, None)
+        for kind in args.kinds:
+            row = measure(
+                f"fused {kind} TP=1 (one GPU)", fused1(kind), r, w_, None, dict(kind=kind), lambda: _clear(h1, w1)
+            )
+            res["rows"].append(row)
+        del h1, w1, ht1, wt1
+    torch.cuda.empty_cache()
+    return res
+
+
+def environment(tp: int) -> dict:
+    import triton
+
+    props = torch.cuda.get_device_properties(0)
+    return dict(
+        device=torch.cuda.get_device_name(0),
+        device_memory_gib=round(props.total_memory / GIB, 1),
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        torch=torch.__version__,
+        triton=triton.__version__,
+        cuda=torch.version.cuda,
+        python=platform.python_version(),
+        tp=tp,
+        command=(f"torchrun --nproc-per-node {tp} " if tp > 1 else "python ") + " ".join(sys.argv),
+    )
+
+
+def markdown(report: dict) -> str:
+    env = report["environment"]
+    lines = [
+        f"# Output layer + distillation loss, fwd+bwd ({env['device']}, {env['date'][:10]})",
+        "",
+        f"torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}; TP={env['tp']}; "
+        f"command: `{env['command']}`",
+        "",
+    ]
+    for res in report["cases"]:
+        floor = next((r.get("ms_median") for r in res["rows"] if r["method"].startswith("floor")), None)
+        lines += [
+            f"## {res['case']}: T={res['T']}, h_s={res['h_s']}, h_t={res['h_t']}, V={res['V']} "
+            f"(V_local={res['v_local']}, auto chunk C={res['auto_chunk'][0]}, C_t={res['auto_chunk'][1]})",
+            "",
+            "| method | median ms | x floor | peak extra GiB |",
+            "| --- | --- | --- | --- |",
+        ]
+        for r in res["rows"]:
+            ms = r.get("ms_median")
+            ratio = f"{ms / floor:.3f}" if ms and floor else "-"
+            cells = [r["method"], ms if ms else r.get("error"), ratio, r.get("peak_extra_gib", "-")]
+            lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+        for kind, c in res["checks"].items():
+            if isinstance(c, dict):
+                lines.append(
+                    f"\nfused vs reference, {kind}: loss rel err {c['loss_rel_err']:.2e}, "
+                    f"grad_h {c['grad_h_rel_err']:.2e}, grad_W {c['grad_w_rel_err']:.2e}"
+                )
+        lines.append("")
+    for key in ("kernel_sweep", "gemm_sweep"):
+        if report.get(key):
+            lines += [f"## {key}", "", "```", *[json.dumps(r) for r in report[key]], "```", ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    p.add_argument("--kinds", nargs="+", default=list(KINDS), choices=list(KINDS))
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--sweep", action="store_true", help="also time fixed chunking configurations")
+    p.add_argument("--kernel-sweep", action="store_true", help="element-wise kernels' launch configurations")
+    p.add_argument("--gemm-sweep", action="store_true", help="GEMM speed at chunk sizes")
+    p.add_argument("--no-reference", action="store_true")
+    p.add_argument("--no-liger", action="store_true")
+    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    args = p.parse_args()
+
+    group, rank = None, 0
+    if args.tp > 1:
+        dist.init_process_group("nccl")
+        rank = dist.get_rank()
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
+        group = dist.group.WORLD
+        assert dist.get_world_size() == args.tp, "run with torchrun --nproc-per-node <tp>"
+    env = environment(args.tp)
+    report = dict(environment=env, cases=[])
+    slug = env["device"].replace("NVIDIA ", "").replace(" ", "-")
+    stem = f"loss_kernel_{slug}_{env['date'][:10]}" + (f"_tp{args.tp}" if args.tp > 1 else "")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def save():
+        if rank == 0:
+            (out / f"{stem}.json").write_text(json.dumps(report, indent=1))
+            (out / f"{stem}.md").write_text(markdown(report))
+
+    t0 = time.time()
+    for name in args.cases:
+        report["cases"].append(run_case(name, CASES[name], args, group, args.tp, rank))
+        save()
+    if args.gemm_sweep and rank == 0:
+        report["gemm_sweep"] = gemm_sweep(CASES["T8k_V152k"])
+        save()
+    if args.kernel_sweep and rank == 0:
+        report["kernel_sweep"] = kernel_sweep(CASES["T8k_V152k"]["V"] // args.tp)
+        save()
+    log(f"done in {time.time() - t0:.0f} s; wrote {out / stem}.json/.md")
+    if rank == 0:
+        print(markdown(report))
+    if args.tp > 1:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
