@@ -29,6 +29,7 @@ from megatron_distill.config import (
     NORMALIZATIONS,
     POSITION_EMBEDDINGS,
     TRANSFORMER_IMPLS,
+    CheckpointConfig,
     ConfigError,
     DataConfig,
     DistillConfig,
@@ -354,6 +355,59 @@ _DATA_FLAGS: tuple[_Flag, ...] = (
     _Flag("data_seed", int, _default(DataConfig, "data_seed"), "Seed of the synthetic data source."),
 )
 
+def _c(name: str) -> Any:
+    return _default(CheckpointConfig, name)
+
+
+_CHECKPOINT_FLAGS: tuple[_Flag, ...] = (
+    _Flag(
+        "save",
+        str,
+        _c("save"),
+        "Save checkpoints (student, optimizer, LR schedule, RNG, data position; never the teacher) "
+        "under DIR, as iter_NNNNNNN directories in megatron.core.dist_checkpointing's format.",
+        None,
+        "DIR",
+    ),
+    _Flag(
+        "save_interval",
+        int,
+        _c("save_interval"),
+        "Save every N iterations (needs --save). A checkpoint is always saved after the last iteration.",
+    ),
+    _Flag(
+        "load",
+        str,
+        _c("load"),
+        "Resume from the newest checkpoint under DIR (a --save directory of ours); a DIR without "
+        "checkpoints starts from iteration 0, so --save D --load D resumes whenever it can. Any "
+        "TP/PP/DP layout may load it.",
+        None,
+        "DIR",
+    ),
+    _Flag(
+        "keep_last",
+        int,
+        _c("keep_last"),
+        "Keep only the N newest checkpoints (needs --save); older ones are deleted once a new one is "
+        "complete. Default: keep all.",
+    ),
+    _Flag(
+        "load_optim",
+        bool,
+        _c("load_optim"),
+        "Load the optimizer state with --load (--no-load-optim: fresh Adam moments; the LR schedule "
+        "position is still restored).",
+    ),
+    _Flag(
+        "load_rng",
+        bool,
+        _c("load_rng"),
+        "Load the RNG states with --load (--no-load-rng: keep this run's seeds). They are restored "
+        "only when the parallel layout is unchanged.",
+    ),
+)
+
 # Flag destination -> (section of DistillConfig, field name).
 _FIELD_MAP: dict[str, tuple[str, str]] = {
     **{f.dest: ("parallel", f.dest) for f in _PARALLEL_FLAGS if f.dest != "use_distributed_optimizer"},
@@ -368,6 +422,7 @@ _FIELD_MAP: dict[str, tuple[str, str]] = {
     "data_source": ("data", "source"),
     "synthetic_branching": ("data", "synthetic_branching"),
     "data_seed": ("data", "data_seed"),
+    **{f.dest: ("checkpoint", f.dest) for f in _CHECKPOINT_FLAGS},
 }
 
 
@@ -487,6 +542,7 @@ def build_parser() -> argparse.ArgumentParser:
             _LOSS_FLAGS,
         ),
         ("data", None, _DATA_FLAGS),
+        ("checkpointing", "Saving and resuming (megatron_distill/checkpointing.py).", _CHECKPOINT_FLAGS),
     ):
         group = parser.add_argument_group(title, description)
         for flag in flags:
@@ -637,7 +693,7 @@ def _build_teacher(values: dict[str, Any], student: ModelShape) -> ModelShape:
 def _build_config(values: dict[str, Any]) -> DistillConfig:
     student = _build_student(values)
     teacher = _build_teacher(values, student)
-    sections: dict[str, dict[str, Any]] = {"parallel": {}, "train": {}, "loss": {}, "data": {}}
+    sections: dict[str, dict[str, Any]] = {"parallel": {}, "train": {}, "loss": {}, "data": {}, "checkpoint": {}}
     for dest, (section, name) in _FIELD_MAP.items():
         sections[section][name] = values[dest]
     return DistillConfig(
@@ -647,6 +703,7 @@ def _build_config(values: dict[str, Any]) -> DistillConfig:
         loss=LossConfig(**sections["loss"]),
         train=TrainConfig(**sections["train"]),
         data=DataConfig(**sections["data"]),
+        checkpoint=CheckpointConfig(**sections["checkpoint"]),
     )
 
 

@@ -114,6 +114,18 @@ class DataConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    """Saving and resuming (``checkpointing.py``). ``load``: a directory of our checkpoints."""
+
+    save: str | None = None
+    save_interval: int | None = None
+    load: str | None = None
+    keep_last: int | None = None
+    load_optim: bool = True
+    load_rng: bool = True
+
+
+@dataclass
 class DistillConfig:
     """Everything a run needs; built once at the entry point and passed explicitly."""
 
@@ -123,6 +135,7 @@ class DistillConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     def data_parallel_size(self, world_size: int) -> int:
         """DP = world / (TP x PP)."""
@@ -185,6 +198,21 @@ def _check_model(shape: ModelShape, prefix: str, parallel: ParallelConfig) -> li
             f"{flag}position-embedding-type must be one of {POSITION_EMBEDDINGS}, "
             f"got {shape.position_embedding_type!r}"
         )
+    return errors
+
+
+def _check_checkpoint(ckpt: CheckpointConfig) -> list[str]:
+    errors = []
+    if ckpt.save_interval is not None and ckpt.save_interval <= 0:
+        errors.append(f"--save-interval must be > 0, got {ckpt.save_interval}")
+    if ckpt.keep_last is not None and ckpt.keep_last < 1:
+        errors.append(f"--keep-last must be >= 1, got {ckpt.keep_last}")
+    for value, flag in ((ckpt.save_interval, "--save-interval"), (ckpt.keep_last, "--keep-last")):
+        if value is not None and not ckpt.save:
+            errors.append(f"{flag} needs --save DIR")
+    for value, flag in ((ckpt.load_optim, "--no-load-optim"), (ckpt.load_rng, "--no-load-rng")):
+        if not value and not ckpt.load:
+            errors.append(f"{flag} needs --load DIR")
     return errors
 
 
@@ -276,6 +304,7 @@ def validate(cfg: DistillConfig, world_size: int) -> None:
         errors.append(f"--log-interval must be >= 1, got {train.log_interval}")
     if cfg.data.synthetic_branching < 1:
         errors.append(f"--synthetic-branching must be >= 1, got {cfg.data.synthetic_branching}")
+    errors += _check_checkpoint(cfg.checkpoint)
     if cfg.data.source != "synthetic":
         errors.append(f"--data-source {cfg.data.source!r} is not supported yet (only 'synthetic')")
     if errors:

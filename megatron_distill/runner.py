@@ -9,11 +9,13 @@ import os
 import sys
 import time
 from dataclasses import replace
+from functools import partial
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from megatron_distill import checkpointing
 from megatron_distill.config import DistillConfig, LossConfig, validate
 from megatron_distill.data.synthetic import MarkovSource, SyntheticBatches
 from megatron_distill.engine import build_model, init_model_parallel, kd_loss_output_mode, wrap_stage
@@ -51,13 +53,16 @@ def _data(cfg: DistillConfig, pg, world: int, stream_offset: int = 0) -> Synthet
 
 
 def _loop(engine, data, iters: int, ctx: DeviceContext, logger: MetricsLogger,
-          log_interval: int) -> list[IterationStats]:
+          log_interval: int, start: int = 0, after_iteration=None) -> list[IterationStats]:
+    """Iterations ``start + 1 .. iters``; ``after_iteration(it)`` runs after each (checkpoints)."""
     history = []
-    for it in range(1, iters + 1):
+    for it in range(start + 1, iters + 1):
         stats = run_iteration(engine, data.get(it), it, ctx.device)
         history.append(stats)
-        if it % log_interval == 0 or it == iters or it == 1:
+        if it % log_interval == 0 or it == iters or it == start + 1:
             logger.log(stats, ctx.device)
+        if after_iteration is not None:
+            after_iteration(it)
     return history
 
 
@@ -77,6 +82,29 @@ def pretrain_teacher(cfg: DistillConfig, pg, ctx: DeviceContext, world: int, str
     _print0(f"pre-training the teacher with cross-entropy for {iters} iterations", stream)
     _loop(engine, data, iters, ctx, logger, cfg.train.log_interval)
     return {k: v.detach().clone() if torch.is_tensor(v) else v for k, v in model.state_dict().items()}
+
+
+def _build_models(cfg: DistillConfig, pg, ctx: DeviceContext, world: int, stream=None):
+    """This rank's student and teacher stages.
+
+    With ``--teacher-pretrain-iters`` the teacher is pre-trained first, or, when ``--load``
+    holds the teacher that the first run pre-trained (``teacher_pretrained/``), loaded from
+    there, so a resumed run distills from the same teacher. With ``--save`` that teacher is
+    saved once.
+    """
+    ckpt, log = cfg.checkpoint, partial(_print0, stream=stream)
+    pretrain = cfg.train.teacher_pretrain_iters > 0
+    load_teacher = pretrain and checkpointing.has_pretrained_teacher(ckpt.load)
+    teacher_state = pretrain_teacher(cfg, pg, ctx, world, stream) if pretrain and not load_teacher else None
+    student = build_model(cfg.student, cfg, pg, trainable=True, device=ctx.device)
+    teacher = build_model(cfg.teacher, cfg, pg, trainable=False, device=ctx.device)
+    if teacher_state is not None:
+        teacher.load_state_dict(teacher_state)
+    elif load_teacher:
+        checkpointing.load_pretrained_teacher(teacher, cfg, ckpt.load, log=log)
+    if pretrain and ckpt.save and not checkpointing.has_pretrained_teacher(ckpt.save):
+        checkpointing.save_pretrained_teacher(teacher, cfg, pg, ckpt.save)
+    return student, teacher
 
 
 def run(cfg: DistillConfig, stream=None) -> list[IterationStats]:
@@ -101,13 +129,7 @@ def run(cfg: DistillConfig, stream=None) -> list[IterationStats]:
         f"x {cfg.loss.kd_weight} + cross-entropy x {cfg.loss.ce_weight}",
         stream,
     )
-    teacher_state: dict | None = None
-    if cfg.train.teacher_pretrain_iters > 0:
-        teacher_state = pretrain_teacher(cfg, pg, ctx, world, stream)
-    student = build_model(cfg.student, cfg, pg, trainable=True, device=ctx.device)
-    teacher = build_model(cfg.teacher, cfg, pg, trainable=False, device=ctx.device)
-    if teacher_state is not None:
-        teacher.load_state_dict(teacher_state)
+    student, teacher = _build_models(cfg, pg, ctx, world, stream)
     _print0(
         f"student: {count_parameters(student, pg):,} parameters; teacher: "
         f"{count_parameters(teacher, pg):,} parameters (frozen)",
@@ -117,8 +139,16 @@ def run(cfg: DistillConfig, stream=None) -> list[IterationStats]:
     _print0(f"distillation loss: {'fused output layer + loss' if output_mode == 'hidden' else 'reference'}", stream)
     engine = wrap_stage(DistillStage(student, teacher, output_mode=output_mode), cfg, pg)
     logger = MetricsLogger(cfg.train.metrics_file, ctx.rank, cfg.train.train_iters, stream=stream)
+    data = _data(cfg, pg, world)
+    ckpt, log = cfg.checkpoint, partial(_print0, stream=stream)
+    done_iters = 0
+    if ckpt.load:  # after building the data: RNG states are restored last
+        done_iters = checkpointing.resume_from(engine, ckpt.load, data=data, load_optim=ckpt.load_optim,
+                                               load_rng=ckpt.load_rng, log=log)
+    saver = checkpointing.periodic_saver(engine, ckpt, data, cfg.train.train_iters, log=log)
     start = time.perf_counter()
-    history = _loop(engine, _data(cfg, pg, world), cfg.train.train_iters, ctx, logger, cfg.train.log_interval)
+    history = _loop(engine, data, cfg.train.train_iters, ctx, logger, cfg.train.log_interval,
+                    start=done_iters, after_iteration=saver)
     if history:
         first, last = history[0], history[-1]
         _print0(

@@ -29,8 +29,9 @@ class MarkovSource:
         )
         # Dirichlet(0.5) weights: skewed, so next-token entropy is well below log(k).
         gamma = torch.distributions.Gamma(torch.full((k,), 0.5), torch.ones(k))
-        torch.manual_seed(self.seed)  # Gamma sampling uses the global generator.
+        # Gamma sampling uses the global generator: seed it, then restore the caller's state.
         state = torch.get_rng_state()
+        torch.manual_seed(self.seed)
         weights = torch.stack([gamma.sample() for _ in range(self.vocab_size)]) + 1e-3
         torch.set_rng_state(state)
         self.probs = weights / weights.sum(dim=-1, keepdim=True)
@@ -83,3 +84,14 @@ class SyntheticBatches:
                 }
             )
         return micro
+
+    def state_dict(self) -> dict:
+        """Data position for a checkpoint: batches are a pure function of the index and seed."""
+        return {"kind": "synthetic", "seed": self.source.seed, "stream_offset": self.stream_offset}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Check that a checkpoint's data stream is this one (nothing else to restore)."""
+        if state.get("seed", self.source.seed) != self.source.seed:
+            raise ValueError(
+                f"checkpoint was made with --data-seed {state['seed']}, this run uses {self.source.seed}"
+            )

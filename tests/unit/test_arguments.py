@@ -126,6 +126,12 @@ def every_flag_argv() -> tuple[list[str], list[tuple[str, str, object]]]:
         ("--teacher-attention-dropout", "0.06", "attention_dropout", 0.06),
     ]
     rest = [
+        ("--save", "/ckpt/out", "checkpoint", "save", "/ckpt/out"),
+        ("--save-interval", "50", "checkpoint", "save_interval", 50),
+        ("--load", "/ckpt/in", "checkpoint", "load", "/ckpt/in"),
+        ("--keep-last", "3", "checkpoint", "keep_last", 3),
+        ("--no-load-optim", None, "checkpoint", "load_optim", False),
+        ("--no-load-rng", None, "checkpoint", "load_rng", False),
         ("--tensor-model-parallel-size", "4", "parallel", "tensor_model_parallel_size", 4),
         ("--pipeline-model-parallel-size", "3", "parallel", "pipeline_model_parallel_size", 3),
         ("--sequence-parallel", None, "parallel", "sequence_parallel", True),
@@ -484,5 +490,5 @@ def test_quickstart_relative_path_from_repo_root(monkeypatch, tmp_path):
 def test_config_to_dict_is_json_serializable():
     cfg = parse_config(["--config-file", str(QUICKSTART)])
     d = config_to_dict(cfg)
-    assert set(d) == {"student", "teacher", "parallel", "loss", "train", "data"}
+    assert set(d) == {"student", "teacher", "parallel", "loss", "train", "data", "checkpoint"}
     assert json.loads(json.dumps(d))["teacher"]["hidden_size"] == 128
