@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from megatron_distill.config import (
+    DATA_SOURCES,
     DEVICES,
     KD_LOSS_IMPLS,
     LR_DECAY_STYLES,
@@ -67,6 +68,7 @@ class _Flag:
     help: str
     choices: tuple | None = None
     metavar: str | None = None
+    nargs: str | None = None
 
     @property
     def option(self) -> str:
@@ -342,17 +344,100 @@ _DATA_FLAGS: tuple[_Flag, ...] = (
         "data_source",
         str,
         _default(DataConfig, "source"),
-        "Where batches come from; synthetic: a fixed random Markov source built from --data-seed.",
-        ("synthetic",),
-        "{synthetic}",
+        "Where batches come from: synthetic (a fixed random Markov source built from --data-seed), chat "
+        "(--train-data files), indexed (--data-path); auto: chat with --train-data, indexed with "
+        "--data-path, else synthetic.",
+        DATA_SOURCES,
+        "{" + ",".join(DATA_SOURCES) + "}",
     ),
+    _Flag(
+        "train_data",
+        str,
+        None,
+        "Prompt/response or chat rows (.jsonl, .json, .parquet, .arrow or a datasets save_to_disk dir); "
+        "loss on response tokens only.",
+        None,
+        "FILE",
+        "+",
+    ),
+    _Flag(
+        "data_path",
+        str,
+        None,
+        "Megatron indexed datasets: PREFIX (PREFIX.bin/.idx) or WEIGHT PREFIX [WEIGHT PREFIX ...] blends, "
+        "as in Megatron-LM (build them with python -m megatron_distill.data.preprocess).",
+        None,
+        "[W] PREFIX",
+        "+",
+    ),
+    _Flag(
+        "tokenizer_type",
+        str,
+        _default(DataConfig, "tokenizer_type"),
+        "Tokenizer kind.",
+        ("HuggingFaceTokenizer",),
+        "{HuggingFaceTokenizer}",
+    ),
+    _Flag(
+        "tokenizer_model",
+        str,
+        None,
+        "Local Hugging Face tokenizer directory of the student (no hub access). Default: the --load "
+        "Hugging Face directory when it holds tokenizer files.",
+        None,
+        "DIR",
+    ),
+    _Flag(
+        "teacher_tokenizer_model",
+        str,
+        None,
+        "The teacher's tokenizer directory; checked against the student's (the error lists where they "
+        "differ). Default: the --teacher-load Hugging Face directory when it holds tokenizer files.",
+        None,
+        "DIR",
+    ),
+    _Flag(
+        "skip_malformed_rows",
+        bool,
+        False,
+        "Skip and count malformed --train-data rows instead of stopping with an error naming file and row.",
+    ),
+    _Flag("pack_sequences", bool, False, "Pack several --train-data samples per row (block-diagonal attention)."),
+    _Flag(
+        "reset_at_document_boundaries",
+        bool,
+        False,
+        "--data-path: restart positions and attention at each EOD token, no loss on EOD inputs.",
+    ),
+    _Flag("data_cache_path", str, None, "Directory for dataset index caches.", None, "DIR"),
     _Flag(
         "synthetic_branching",
         int,
         _default(DataConfig, "synthetic_branching"),
         "Synthetic data: number of possible next tokens after each token.",
     ),
-    _Flag("data_seed", int, _default(DataConfig, "data_seed"), "Seed of the synthetic data source."),
+    _Flag("data_seed", int, _default(DataConfig, "data_seed"), "Seed of data order / the synthetic source."),
+)
+
+_MODEL_SOURCE_FLAGS: tuple[_Flag, ...] = (
+    _Flag(
+        "teacher_load",
+        str,
+        None,
+        "The teacher's weights: a local Hugging Face directory (Llama 3.x, Qwen2/2.5, Qwen3; safetensors). "
+        "Its config sets every --teacher-* architecture flag; an explicit flag that disagrees is an error.",
+        None,
+        "DIR",
+    ),
+    _Flag(
+        "export_hf",
+        str,
+        None,
+        "After training, write the student as a Hugging Face directory (config, safetensors, tokenizer "
+        "files) loadable by transformers. Refuses a non-empty DIR.",
+        None,
+        "DIR",
+    ),
 )
 
 def _c(name: str) -> Any:
@@ -420,8 +505,8 @@ _FIELD_MAP: dict[str, tuple[str, str]] = {
     "kd_ce_weight": ("loss", "ce_weight"),
     "kd_loss_impl": ("loss", "impl"),
     "data_source": ("data", "source"),
-    "synthetic_branching": ("data", "synthetic_branching"),
-    "data_seed": ("data", "data_seed"),
+    **{f.dest: ("data", f.dest) for f in _DATA_FLAGS if f.dest != "data_source"},
+    **{f.dest: ("checkpoint", f.dest) for f in _MODEL_SOURCE_FLAGS},
     **{f.dest: ("checkpoint", f.dest) for f in _CHECKPOINT_FLAGS},
 }
 
@@ -476,6 +561,7 @@ def _add(group: argparse._ArgumentGroup, flag: _Flag, *, option: str, default: A
             choices=flag.choices,
             metavar=flag.metavar or _METAVARS[flag.type],
             help=help_text,
+            **({"nargs": flag.nargs} if flag.nargs else {}),
         )
 
 
@@ -543,6 +629,12 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         ("data", None, _DATA_FLAGS),
         ("checkpointing", "Saving and resuming (megatron_distill/checkpointing.py).", _CHECKPOINT_FLAGS),
+        (
+            "Hugging Face models",
+            "--load also accepts a Hugging Face directory: the student then starts from those weights and "
+            "its config sets every student architecture flag.",
+            _MODEL_SOURCE_FLAGS,
+        ),
     ):
         group = parser.add_argument_group(title, description)
         for flag in flags:
@@ -625,6 +717,59 @@ def load_recipe(path: str, parser: argparse.ArgumentParser | None = None) -> dic
     return values
 
 
+# Training settings that a Hugging Face config also holds: taken from it unless given, never a conflict.
+_HF_SOFT_FIELDS = ("hidden_dropout", "attention_dropout", "max_position_embeddings", "init_method_std")
+
+
+def is_hf_dir(path: str | None) -> bool:
+    """Whether ``path`` is a Hugging Face model directory (has ``config.json``, no checkpoints of ours)."""
+    if not path:
+        return False
+    p = Path(path)
+    return (p / "config.json").is_file() and not (p / "latest_checkpointed_iteration.txt").exists()
+
+
+def _apply_hf_configs(values: dict[str, Any], explicit: set[str]) -> None:
+    """Fill student / teacher architecture flags from Hugging Face configs (--load, --teacher-load).
+
+    An explicitly given flag (command line or recipe) that disagrees with the HF config is an error
+    naming the flag, its value, the config file and the config's value.
+    """
+    from megatron_distill.models.hf_config import shape_from_hf_config
+
+    values.setdefault("student_hf", None)
+    for prefix, key in (("", "load"), ("teacher_", "teacher_load")):
+        path = values.get(key)
+        if not path:
+            continue
+        if not is_hf_dir(path):
+            continue  # --load of one of our checkpoints; a bad --teacher-load is reported at start-up
+        shape = shape_from_hf_config(path)
+        for flag in _MODEL_FLAGS:
+            if flag.dest == "group_query_attention":
+                continue
+            dest = prefix + flag.dest
+            hf_value = (not shape.add_bias_linear) if flag.dest == "disable_bias_linear" else getattr(
+                shape, flag.dest)
+            given = values.get(dest)
+            if flag.dest in _HF_SOFT_FIELDS:
+                if dest not in explicit or given is None:
+                    values[dest] = hf_value
+                continue
+            if dest in explicit and given is not None and given != hf_value:
+                raise ConfigError(
+                    f"--{dest.replace('_', '-')} {given} disagrees with {Path(path) / 'config.json'}, which "
+                    f"gives {hf_value}: drop the flag or use a matching value"
+                )
+            values[dest] = hf_value
+        if flag_tok := ("tokenizer_model" if prefix == "" else "teacher_tokenizer_model"):
+            if not values.get(flag_tok) and (Path(path) / "tokenizer_config.json").is_file():
+                values[flag_tok] = str(path)
+        if key == "load":
+            values["student_hf"] = str(path)
+            values["load"] = None  # not a checkpoint to resume from
+
+
 def _explicit_dests(argv: list[str]) -> set[str]:
     """Destinations given on the command line (parse again with every default suppressed)."""
     parser = build_parser()
@@ -696,6 +841,9 @@ def _build_config(values: dict[str, Any]) -> DistillConfig:
     sections: dict[str, dict[str, Any]] = {"parallel": {}, "train": {}, "loss": {}, "data": {}, "checkpoint": {}}
     for dest, (section, name) in _FIELD_MAP.items():
         sections[section][name] = values[dest]
+    sections["checkpoint"]["student_hf"] = values.get("student_hf")
+    for name in ("train_data", "data_path"):
+        sections["data"][name] = list(sections["data"][name] or [])
     return DistillConfig(
         student=student,
         teacher=teacher,
@@ -724,6 +872,13 @@ def parse_config(argv: list[str] | None = None) -> DistillConfig:
             parser.error(str(exc))
         explicit = _explicit_dests(argv)
         values.update({k: v for k, v in recipe.items() if k not in explicit})
+        explicit |= set(recipe)
+    else:
+        explicit = _explicit_dests(argv)
+    try:
+        _apply_hf_configs(values, explicit)
+    except (ConfigError, ValueError, FileNotFoundError) as exc:
+        parser.error(str(exc))
     missing = [d for d in REQUIRED_FLAGS if values[d] is None]
     if missing:
         names = ", ".join("--" + d.replace("_", "-") for d in missing)

@@ -16,6 +16,7 @@ LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root", "WSD")
 TRANSFORMER_IMPLS = ("local", "transformer_engine")
 KD_LOSS_IMPLS = ("auto", "fused", "reference")
 DEVICES = ("auto", "cuda", "cpu")
+DATA_SOURCES = ("auto", "synthetic", "chat", "indexed")
 
 
 class ConfigError(ValueError):
@@ -106,11 +107,22 @@ class TrainConfig:
 
 @dataclass
 class DataConfig:
-    """Where batches come from. ``synthetic``: a fixed random Markov source built from the seed."""
+    """Where batches come from: ``synthetic`` (a fixed random Markov source built from the seed),
+    ``chat`` (``train_data`` files: prompt/response or chat rows) or ``indexed`` (Megatron
+    ``.bin/.idx`` blends in ``data_path``); ``auto`` picks from which of those is set."""
 
-    source: str = "synthetic"
+    source: str = "auto"
     synthetic_branching: int = 4
     data_seed: int = 4321
+    train_data: list[str] = field(default_factory=list)
+    data_path: list[str] = field(default_factory=list)
+    tokenizer_type: str = "HuggingFaceTokenizer"
+    tokenizer_model: str | None = None
+    teacher_tokenizer_model: str | None = None
+    skip_malformed_rows: bool = False
+    pack_sequences: bool = False
+    reset_at_document_boundaries: bool = False
+    data_cache_path: str | None = None
 
 
 @dataclass
@@ -123,6 +135,11 @@ class CheckpointConfig:
     keep_last: int | None = None
     load_optim: bool = True
     load_rng: bool = True
+    # Hugging Face directories: the student's initial weights (set when --load is an HF dir),
+    # the teacher's weights, and where to export the trained student.
+    student_hf: str | None = None
+    teacher_load: str | None = None
+    export_hf: str | None = None
 
 
 @dataclass
@@ -305,7 +322,18 @@ def validate(cfg: DistillConfig, world_size: int) -> None:
     if cfg.data.synthetic_branching < 1:
         errors.append(f"--synthetic-branching must be >= 1, got {cfg.data.synthetic_branching}")
     errors += _check_checkpoint(cfg.checkpoint)
-    if cfg.data.source != "synthetic":
-        errors.append(f"--data-source {cfg.data.source!r} is not supported yet (only 'synthetic')")
+    data = cfg.data
+    if data.source not in DATA_SOURCES:
+        errors.append(f"--data-source must be one of {DATA_SOURCES}, got {data.source!r}")
+    if data.train_data and data.data_path:
+        errors.append("give either --train-data (chat / prompt-response files) or --data-path (indexed), not both")
+    if data.source == "chat" and not data.train_data:
+        errors.append("--data-source chat needs --train-data FILE [FILE ...]")
+    if data.source == "indexed" and not data.data_path:
+        errors.append("--data-source indexed needs --data-path [WEIGHT] PREFIX ...")
+    if (data.train_data or data.data_path) and not data.tokenizer_model:
+        errors.append("--train-data / --data-path need --tokenizer-model DIR (a local Hugging Face tokenizer)")
+    if data.pack_sequences and not data.train_data:
+        errors.append("--pack-sequences applies to --train-data only")
     if errors:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(errors))

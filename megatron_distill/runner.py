@@ -16,8 +16,8 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from megatron_distill import checkpointing
-from megatron_distill.config import DistillConfig, LossConfig, validate
-from megatron_distill.data.synthetic import MarkovSource, SyntheticBatches
+from megatron_distill.config import ConfigError, DistillConfig, LossConfig, validate
+from megatron_distill.data.build import build_data_source, data_source_kind, load_tokenizers
 from megatron_distill.engine import build_model, init_model_parallel, kd_loss_output_mode, wrap_stage
 from megatron_distill.metrics import MetricsLogger
 from megatron_distill.pipeline.stage import DistillStage
@@ -44,12 +44,10 @@ def count_parameters(model: torch.nn.Module, pg) -> int:
     return int(round(total.item()))
 
 
-def _data(cfg: DistillConfig, pg, world: int, stream_offset: int = 0) -> SyntheticBatches:
-    source = MarkovSource(cfg.student.vocab_size, cfg.data.synthetic_branching, cfg.data.data_seed)
-    return SyntheticBatches(
-        source, cfg.train.seq_length, cfg.train.global_batch_size, cfg.train.micro_batch_size,
-        pg.dp.rank(), cfg.data_parallel_size(world), stream_offset=stream_offset,
-    )
+def _data(cfg: DistillConfig, pg, world: int, tokenizer=None, stream_offset: int = 0):
+    """This DP rank's data source (synthetic, chat files or indexed; see data/build.py)."""
+    return build_data_source(cfg, pg.dp.rank(), cfg.data_parallel_size(world), tokenizer,
+                             stream_offset=stream_offset)
 
 
 def _loop(engine, data, iters: int, ctx: DeviceContext, logger: MetricsLogger,
@@ -57,7 +55,7 @@ def _loop(engine, data, iters: int, ctx: DeviceContext, logger: MetricsLogger,
     """Iterations ``start + 1 .. iters``; ``after_iteration(it)`` runs after each (checkpoints)."""
     history = []
     for it in range(start + 1, iters + 1):
-        stats = run_iteration(engine, data.get(it), it, ctx.device)
+        stats = run_iteration(engine, data.get(it - 1), it, ctx.device)
         history.append(stats)
         if it % log_interval == 0 or it == iters or it == start + 1:
             logger.log(stats, ctx.device)
@@ -66,7 +64,7 @@ def _loop(engine, data, iters: int, ctx: DeviceContext, logger: MetricsLogger,
     return history
 
 
-def pretrain_teacher(cfg: DistillConfig, pg, ctx: DeviceContext, world: int, stream=None):
+def pretrain_teacher(cfg: DistillConfig, pg, ctx: DeviceContext, world: int, stream=None, tokenizer=None):
     """Train the teacher with cross-entropy on the data for ``teacher_pretrain_iters`` iterations.
 
     Returns the teacher's trained state dict for this rank's stage (used by the quickstart so the
@@ -78,13 +76,32 @@ def pretrain_teacher(cfg: DistillConfig, pg, ctx: DeviceContext, world: int, str
     engine = wrap_stage(DistillStage(model, None), teacher_as_student, pg,
                         lr=cfg.train.teacher_pretrain_lr, iters=iters)
     logger = MetricsLogger(cfg.train.metrics_file, ctx.rank, iters, phase="teacher-pretrain", stream=stream)
-    data = _data(cfg, pg, world, stream_offset=_PRETRAIN_STREAM)
+    data = _data(cfg, pg, world, tokenizer, stream_offset=_PRETRAIN_STREAM)
     _print0(f"pre-training the teacher with cross-entropy for {iters} iterations", stream)
     _loop(engine, data, iters, ctx, logger, cfg.train.log_interval)
     return {k: v.detach().clone() if torch.is_tensor(v) else v for k, v in model.state_dict().items()}
 
 
-def _build_models(cfg: DistillConfig, pg, ctx: DeviceContext, world: int, stream=None):
+def _check_export_target(path: str | None) -> None:
+    """Refuse a non-empty --export-hf directory before training, not after it."""
+    if path and os.path.isdir(path) and os.listdir(path):
+        raise ConfigError(f"--export-hf {path}: the directory exists and is not empty; choose a new one")
+
+
+def _load_hf(model, hf_dir: str, shape, pg, what: str, stream=None) -> None:
+    """Copy this rank's shard of a Hugging Face checkpoint into a built stage (before DDP wraps it)."""
+    from megatron_distill.arguments import is_hf_dir
+    from megatron_distill.models.hf_convert import load_hf_into_stage
+
+    if not is_hf_dir(hf_dir):
+        flag = "--load" if what == "student" else "--teacher-load"
+        raise ConfigError(f"{flag} {hf_dir}: not a Hugging Face model directory (no config.json there)")
+    load_hf_into_stage(model, hf_dir, shape, tp_rank=pg.tp.rank(), tp_size=pg.tp.size(),
+                       pp_rank=pg.pp.rank(), pp_size=pg.pp.size())
+    _print0(f"{what}: loaded Hugging Face weights from {hf_dir}", stream)
+
+
+def _build_models(cfg: DistillConfig, pg, ctx: DeviceContext, world: int, stream=None, tokenizer=None):
     """This rank's student and teacher stages.
 
     With ``--teacher-pretrain-iters`` the teacher is pre-trained first, or, when ``--load``
@@ -95,9 +112,15 @@ def _build_models(cfg: DistillConfig, pg, ctx: DeviceContext, world: int, stream
     ckpt, log = cfg.checkpoint, partial(_print0, stream=stream)
     pretrain = cfg.train.teacher_pretrain_iters > 0
     load_teacher = pretrain and checkpointing.has_pretrained_teacher(ckpt.load)
-    teacher_state = pretrain_teacher(cfg, pg, ctx, world, stream) if pretrain and not load_teacher else None
+    teacher_state = (
+        pretrain_teacher(cfg, pg, ctx, world, stream, tokenizer) if pretrain and not load_teacher else None
+    )
     student = build_model(cfg.student, cfg, pg, trainable=True, device=ctx.device)
     teacher = build_model(cfg.teacher, cfg, pg, trainable=False, device=ctx.device)
+    if ckpt.student_hf:
+        _load_hf(student, ckpt.student_hf, cfg.student, pg, "student", stream)
+    if ckpt.teacher_load:
+        _load_hf(teacher, ckpt.teacher_load, cfg.teacher, pg, "teacher", stream)
     if teacher_state is not None:
         teacher.load_state_dict(teacher_state)
     elif load_teacher:
@@ -129,7 +152,12 @@ def run(cfg: DistillConfig, stream=None) -> list[IterationStats]:
         f"x {cfg.loss.kd_weight} + cross-entropy x {cfg.loss.ce_weight}",
         stream,
     )
-    student, teacher = _build_models(cfg, pg, ctx, world, stream)
+    try:
+        tokenizer = load_tokenizers(cfg)
+    except ValueError as err:  # bad tokenizer input: report it like a configuration error
+        raise ConfigError(str(err)) from err
+    _check_export_target(cfg.checkpoint.export_hf)
+    student, teacher = _build_models(cfg, pg, ctx, world, stream, tokenizer)
     _print0(
         f"student: {count_parameters(student, pg):,} parameters; teacher: "
         f"{count_parameters(teacher, pg):,} parameters (frozen)",
@@ -139,7 +167,8 @@ def run(cfg: DistillConfig, stream=None) -> list[IterationStats]:
     _print0(f"distillation loss: {'fused output layer + loss' if output_mode == 'hidden' else 'reference'}", stream)
     engine = wrap_stage(DistillStage(student, teacher, output_mode=output_mode), cfg, pg)
     logger = MetricsLogger(cfg.train.metrics_file, ctx.rank, cfg.train.train_iters, stream=stream)
-    data = _data(cfg, pg, world)
+    data = _data(cfg, pg, world, tokenizer)
+    _print0(f"data: {data_source_kind(cfg)}", stream)
     ckpt, log = cfg.checkpoint, partial(_print0, stream=stream)
     done_iters = 0
     if ckpt.load:  # after building the data: RNG states are restored last
@@ -156,6 +185,12 @@ def run(cfg: DistillConfig, stream=None) -> list[IterationStats]:
             f"{first.kd_loss:.4f} -> {last.kd_loss:.4f}",
             stream,
         )
+    if ckpt.export_hf:
+        from megatron_distill.models.hf_convert import export_hf
+
+        export_hf(engine.stage.student, cfg.student, ckpt.export_hf, pg=pg,
+                  tokenizer_dir=cfg.data.tokenizer_model, source_config=ckpt.student_hf)
+        _print0(f"exported the student as a Hugging Face model to {ckpt.export_hf}", stream)
     return history
 
 

@@ -16,7 +16,9 @@ from megatron_distill.data.synthetic import MarkovSource, SyntheticBatches
 
 
 def data_source_kind(cfg: DistillConfig) -> str:
-    """``synthetic``, ``chat`` or ``indexed``, from which data flags are set."""
+    """``synthetic``, ``chat`` or ``indexed``: ``--data-source``, or with ``auto`` from which data flags are set."""
+    if cfg.data.source != "auto":
+        return cfg.data.source
     if cfg.data.train_data:
         return "chat"
     if cfg.data.data_path:

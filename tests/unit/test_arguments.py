@@ -165,6 +165,17 @@ def every_flag_argv() -> tuple[list[str], list[tuple[str, str, object]]]:
         ("--kd-ce-weight", "0.3", "loss", "ce_weight", 0.3),
         ("--kd-loss-impl", "reference", "loss", "impl", "reference"),
         ("--data-source", "synthetic", "data", "source", "synthetic"),
+        ("--train-data", ["a.jsonl", "b.parquet"], "data", "train_data", ["a.jsonl", "b.parquet"]),
+        ("--data-path", ["0.3", "p1", "0.7", "p2"], "data", "data_path", ["0.3", "p1", "0.7", "p2"]),
+        ("--tokenizer-type", "HuggingFaceTokenizer", "data", "tokenizer_type", "HuggingFaceTokenizer"),
+        ("--tokenizer-model", "/tok", "data", "tokenizer_model", "/tok"),
+        ("--teacher-tokenizer-model", "/ttok", "data", "teacher_tokenizer_model", "/ttok"),
+        ("--skip-malformed-rows", None, "data", "skip_malformed_rows", True),
+        ("--pack-sequences", None, "data", "pack_sequences", True),
+        ("--reset-at-document-boundaries", None, "data", "reset_at_document_boundaries", True),
+        ("--data-cache-path", "/cache", "data", "data_cache_path", "/cache"),
+        ("--teacher-load", "/t", "checkpoint", "teacher_load", "/t"),
+        ("--export-hf", "/out", "checkpoint", "export_hf", "/out"),
         ("--synthetic-branching", "8", "data", "synthetic_branching", 8),
         ("--data-seed", "99", "data", "data_seed", 99),
     ]
@@ -175,7 +186,7 @@ def every_flag_argv() -> tuple[list[str], list[tuple[str, str, object]]]:
             argv += [flag] if value is None else [flag, value]
             expected.append((section, field, want))
     for flag, value, section, field, want in rest:
-        argv += [flag] if value is None else [flag, value]
+        argv += [flag] if value is None else [flag, *value] if isinstance(value, list) else [flag, value]
         expected.append((section, field, want))
     return argv, expected
 
@@ -207,7 +218,7 @@ def test_every_non_default_value_differs_from_the_default():
     same = []
     for section, field, want in expected:
         baseline = full.student if section == "teacher" else getattr(default, section)
-        if getattr(baseline, field) == want and (section, field) != ("data", "source"):  # one source exists
+        if getattr(baseline, field) == want and (section, field) != ("data", "tokenizer_type"):  # one type exists
             same.append((section, field))
     assert same == []
 
@@ -478,7 +489,7 @@ def test_quickstart_recipe_parses_and_validates_for_four_processes():
     assert cfg.train.seq_length == recipe["seq_length"] and cfg.train.train_iters == recipe["train_iters"]
     assert cfg.train.teacher_pretrain_iters == recipe["teacher_pretrain_iters"] > 0
     assert cfg.loss.kind == recipe["kd_loss"]
-    assert cfg.data.source == "synthetic"
+    assert cfg.data.source == "auto"
 
 
 def test_quickstart_relative_path_from_repo_root(monkeypatch, tmp_path):

@@ -276,7 +276,12 @@ def test_training_rules():
 
 
 def test_data_rules():
-    fails(make(data={"source": "jsonl"}), "--data-source 'jsonl' is not supported yet")
+    fails(make(data={"source": "jsonl"}), "--data-source must be one of .*got 'jsonl'")
+    fails(make(data={"source": "chat"}), "--data-source chat needs --train-data")
+    fails(make(data={"train_data": ["a.jsonl"], "data_path": ["p"], "tokenizer_model": "t"}),
+          "either --train-data .* or --data-path")
+    fails(make(data={"train_data": ["a.jsonl"]}), "--train-data / --data-path need --tokenizer-model")
+    fails(make(data={"pack_sequences": True}), "--pack-sequences applies to --train-data only")
     fails(make(data={"synthetic_branching": 0}), "--synthetic-branching must be >= 1, got 0")
 
 
