@@ -91,3 +91,30 @@ def test_teacher_tokenizer_mismatch_is_refused(setup):
     )
     assert proc.returncode != 0, proc.stderr[-2000:]
     assert "error:" in proc.stderr and "vocab" in proc.stderr.lower()
+
+
+def test_indexed_data_and_packed_chat_data_run_through_the_engine(setup):
+    """--data-path (preprocessed .bin/.idx, two prefixes blended) and --pack-sequences at PP=2."""
+    import subprocess
+    import sys
+
+    root, teacher, student, data, _ = setup
+    words = "the cat sat on the mat and the dog ran under the tree".split()
+    docs = root / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"text": " ".join(words[i:] + words[:i])}) + "\n" for i in range(12)))
+    for prefix in ("p1", "p2"):
+        proc = subprocess.run(
+            [sys.executable, "-m", "megatron_distill.data.preprocess", "--input", str(docs), "--tokenizer-model",
+             str(student), "--output-prefix", str(root / prefix), "--append-eod"],
+            capture_output=True, text=True, timeout=120,
+        )
+        assert proc.returncode == 0, proc.stderr
+    common = ["--load", str(student), "--teacher-load", str(teacher), "--seq-length", "16",
+              "--micro-batch-size", "2", "--global-batch-size", "4", "--train-iters", "3", "--device", "cpu",
+              "--pipeline-model-parallel-size", "2", "--data-cache-path", str(root / "cache")]
+    indexed = _torchrun(2, *common, "--data-path", "0.3", str(root / "p1"), "0.7", str(root / "p2"))
+    assert indexed.returncode == 0, indexed.stdout[-2000:] + indexed.stderr[-3000:]
+    assert "data: indexed" in indexed.stdout and "[distill] iter     3/3" in indexed.stdout
+    packed = _torchrun(2, *common, "--train-data", str(data), "--pack-sequences")
+    assert packed.returncode == 0, packed.stdout[-2000:] + packed.stderr[-3000:]
+    assert "data: chat" in packed.stdout and "[distill] iter     3/3" in packed.stdout
