@@ -283,6 +283,13 @@ _TRAIN_FLAGS: tuple[_Flag, ...] = (
         "Timeout of collective operations, in minutes.",
     ),
     _Flag(
+        "max_skipped_steps",
+        int,
+        _t("max_skipped_steps"),
+        "Stop (with a checkpoint of the last good state, exit code 76) after N consecutive iterations "
+        "whose loss or gradient was non-finite on some rank; each such step is skipped on every rank.",
+    ),
+    _Flag(
         "teacher_pretrain_iters",
         int,
         _t("teacher_pretrain_iters"),
@@ -476,6 +483,13 @@ _CHECKPOINT_FLAGS: tuple[_Flag, ...] = (
         _c("keep_last"),
         "Keep only the N newest checkpoints (needs --save); older ones are deleted once a new one is "
         "complete. Default: keep all.",
+    ),
+    _Flag(
+        "auto_resume",
+        bool,
+        _c("auto_resume"),
+        "Resume from the newest complete checkpoint under --save (a damaged newest one is reported and the "
+        "previous one used); for requeued jobs. Same as --load set to the --save directory.",
     ),
     _Flag(
         "load_optim",

@@ -103,6 +103,7 @@ class TrainConfig:
     teacher_pretrain_iters: int = 0
     teacher_pretrain_lr: float = 1e-3
     distributed_timeout_minutes: float = 10.0
+    max_skipped_steps: int = 10
 
 
 @dataclass
@@ -137,6 +138,7 @@ class CheckpointConfig:
     load_rng: bool = True
     # Hugging Face directories: the student's initial weights (set when --load is an HF dir),
     # the teacher's weights, and where to export the trained student.
+    auto_resume: bool = False
     student_hf: str | None = None
     teacher_load: str | None = None
     export_hf: str | None = None
@@ -317,6 +319,10 @@ def validate(cfg: DistillConfig, world_size: int) -> None:
         )
     if train.device not in DEVICES:
         errors.append(f"--device must be one of {DEVICES}, got {train.device!r}")
+    if train.max_skipped_steps < 1:
+        errors.append(f"--max-skipped-steps must be >= 1, got {train.max_skipped_steps}")
+    if cfg.checkpoint.auto_resume and not cfg.checkpoint.save:
+        errors.append("--auto-resume needs --save DIR (it resumes from the newest complete checkpoint there)")
     if train.log_interval < 1:
         errors.append(f"--log-interval must be >= 1, got {train.log_interval}")
     if cfg.data.synthetic_branching < 1:

@@ -29,7 +29,7 @@ def init_model_parallel(cfg: DistillConfig, seed: int) -> ProcessGroupCollection
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=par.tensor_model_parallel_size,
             pipeline_model_parallel_size=par.pipeline_model_parallel_size,
-            distributed_timeout_minutes=int(max(1, cfg.train.distributed_timeout_minutes)),
+            distributed_timeout_minutes=cfg.train.distributed_timeout_minutes,  # type: ignore[arg-type]
         )
     set_seed(seed)
     return ProcessGroupCollection.use_mpu_process_groups()

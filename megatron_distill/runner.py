@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from functools import partial
 
 import torch
@@ -22,6 +22,7 @@ from megatron_distill.engine import build_model, init_model_parallel, kd_loss_ou
 from megatron_distill.metrics import MetricsLogger
 from megatron_distill.pipeline.stage import DistillStage
 from megatron_distill.platform import DeviceContext, init_distributed, resolve_device
+from megatron_distill.resilience import EXIT_PREEMPTED, EXIT_TOO_MANY_SKIPS, FaultInjector, PreemptionHandler
 from megatron_distill.training import IterationStats, run_iteration
 
 # Stream offset separating the teacher's pre-training data from the distillation data.
@@ -50,18 +51,73 @@ def _data(cfg: DistillConfig, pg, world: int, tokenizer=None, stream_offset: int
                              stream_offset=stream_offset)
 
 
+class TooManySkippedSteps(RuntimeError):
+    """``--max-skipped-steps`` consecutive iterations had a non-finite loss or gradient."""
+
+
+class Preempted(RuntimeError):
+    """A rank received SIGTERM / SIGUSR1; every rank stopped after iteration ``iteration``."""
+
+    def __init__(self, iteration: int):
+        super().__init__(f"preempted after iteration {iteration}")
+        self.iteration = iteration
+
+
 def _loop(engine, data, iters: int, ctx: DeviceContext, logger: MetricsLogger,
-          log_interval: int, start: int = 0, after_iteration=None) -> list[IterationStats]:
-    """Iterations ``start + 1 .. iters``; ``after_iteration(it)`` runs after each (checkpoints)."""
+          log_interval: int, start: int = 0, after_iteration=None, guard: RunGuard | None = None,
+          ) -> list[IterationStats]:
+    """Iterations ``start + 1 .. iters``; ``after_iteration(it)`` runs after each (checkpoints).
+
+    With a ``guard``: planted test faults are delivered, skipped steps are reported and counted
+    (``TooManySkippedSteps`` after too many in a row) and a preemption signal on any rank stops
+    every rank after the current iteration (``Preempted``).
+    """
     history = []
     for it in range(start + 1, iters + 1):
-        stats = run_iteration(engine, data.get(it - 1), it, ctx.device)
+        batches = data.get(it - 1)
+        if guard is not None:
+            guard.faults.before_iteration(it)
+            batches = guard.faults.corrupt_batches(it, batches)
+        stats = run_iteration(engine, batches, it, ctx.device)
         history.append(stats)
-        if it % log_interval == 0 or it == iters or it == start + 1:
+        if it % log_interval == 0 or it == iters or it == start + 1 or stats.skipped:
             logger.log(stats, ctx.device)
+        if guard is not None:
+            guard.after_step(stats)
         if after_iteration is not None:
             after_iteration(it)
+        if guard is not None and guard.preemption.should_stop(ctx.device):
+            raise Preempted(it)
     return history
+
+
+@dataclass
+class RunGuard:
+    """Preemption flag, planted faults and the consecutive-skip counter of one run."""
+
+    preemption: PreemptionHandler
+    faults: FaultInjector
+    max_skipped_steps: int
+    stream: object = None
+    consecutive_skips: int = 0
+
+    last_iteration: int = 0
+
+    def after_step(self, stats: IterationStats) -> None:
+        self.last_iteration = stats.iteration
+        if not stats.skipped:
+            self.consecutive_skips = 0
+            return
+        self.consecutive_skips += 1
+        reason = stats.extra.get("skip_reason", "the optimizer reported an overflow")
+        micro = stats.extra.get("nonfinite_microbatches", [])
+        _print0(f"warning: iteration {stats.iteration}: step skipped on every rank: {reason} "
+                f"(micro-batch(es) {micro or 'n/a'}); {self.consecutive_skips} in a row", self.stream)
+        if self.consecutive_skips >= self.max_skipped_steps:
+            raise TooManySkippedSteps(
+                f"{self.consecutive_skips} consecutive iterations skipped (--max-skipped-steps "
+                f"{self.max_skipped_steps}), the last at iteration {stats.iteration}: {reason}"
+            )
 
 
 def pretrain_teacher(cfg: DistillConfig, pg, ctx: DeviceContext, world: int, stream=None, tokenizer=None):
@@ -139,6 +195,8 @@ def run(cfg: DistillConfig, stream=None) -> list[IterationStats]:
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     validate(cfg, world)
+    if cfg.checkpoint.auto_resume and not cfg.checkpoint.load:
+        cfg = replace(cfg, checkpoint=replace(cfg.checkpoint, load=cfg.checkpoint.save))
     device = resolve_device(cfg.train.device)
     if device == "cpu" and cfg.train.bf16:
         _print0("note: --bf16 on the CPU is slow; it works but fp32 is the usual CPU choice", stream)
@@ -172,12 +230,23 @@ def run(cfg: DistillConfig, stream=None) -> list[IterationStats]:
     ckpt, log = cfg.checkpoint, partial(_print0, stream=stream)
     done_iters = 0
     if ckpt.load:  # after building the data: RNG states are restored last
-        done_iters = checkpointing.resume_from(engine, ckpt.load, data=data, load_optim=ckpt.load_optim,
-                                               load_rng=ckpt.load_rng, log=log)
+        done_iters = _resume(engine, cfg, data, log)
     saver = checkpointing.periodic_saver(engine, ckpt, data, cfg.train.train_iters, log=log)
+    guard = RunGuard(PreemptionHandler().install(), FaultInjector(), cfg.train.max_skipped_steps, stream)
     start = time.perf_counter()
-    history = _loop(engine, data, cfg.train.train_iters, ctx, logger, cfg.train.log_interval,
-                    start=done_iters, after_iteration=saver)
+    try:
+        history = _loop(engine, data, cfg.train.train_iters, ctx, logger, cfg.train.log_interval,
+                        start=done_iters, after_iteration=saver, guard=guard)
+    except Preempted as stop:
+        _save_now(engine, cfg, data, stop.iteration, "preemption", log)
+        raise SystemExit(EXIT_PREEMPTED) from None
+    except TooManySkippedSteps as err:
+        _print0(f"error: {err}", stream)
+        # Skipped steps changed nothing: the current state is the last good one.
+        _save_now(engine, cfg, data, guard.last_iteration, "too many skipped steps", log)
+        raise SystemExit(EXIT_TOO_MANY_SKIPS) from None
+    finally:
+        guard.preemption.uninstall()
     if history:
         first, last = history[0], history[-1]
         _print0(
@@ -192,6 +261,41 @@ def run(cfg: DistillConfig, stream=None) -> list[IterationStats]:
                   tokenizer_dir=cfg.data.tokenizer_model, source_config=ckpt.student_hf)
         _print0(f"exported the student as a Hugging Face model to {ckpt.export_hf}", stream)
     return history
+
+
+def _resume(engine, cfg: DistillConfig, data, log) -> int:
+    """``--load``: the newest checkpoint; a damaged newest one is reported and the previous used."""
+    from megatron_distill.checkpoint_files import find_latest_complete, list_checkpoints
+
+    ckpt = cfg.checkpoint
+    newest = [it for it, _ in list_checkpoints(ckpt.load)]
+    good = find_latest_complete(ckpt.load) if newest else None
+    if newest and good is None:
+        raise ConfigError(f"--load {ckpt.load}: no intact checkpoint (all of iterations {newest} are damaged)")
+    if newest and good != newest[-1]:
+        log(f"warning: checkpoint iteration {newest[-1]} in {ckpt.load} is incomplete or damaged; "
+            f"resuming from iteration {good} instead")
+        iteration, _ = checkpointing.load_checkpoint(engine, ckpt.load, iteration=good, data=data,
+                                                     load_optim=ckpt.load_optim, load_rng=ckpt.load_rng, log=log)
+        return iteration
+    return checkpointing.resume_from(engine, ckpt.load, data=data, load_optim=ckpt.load_optim,
+                                     load_rng=ckpt.load_rng, log=log)
+
+
+def _save_now(engine, cfg: DistillConfig, data, iteration: int, why: str, log) -> None:
+    """Checkpoint the current state (used when stopping early); a note when --save is not set."""
+    from megatron_distill.checkpoint_files import list_checkpoints
+
+    if not cfg.checkpoint.save:
+        log(f"stopping ({why}) after iteration {iteration}; no --save directory, so nothing was saved")
+        return
+    if iteration in [it for it, _ in list_checkpoints(cfg.checkpoint.save)]:
+        log(f"stopping ({why}): iteration {iteration} is already saved in {cfg.checkpoint.save}")
+        return
+    path = checkpointing.save_checkpoint(engine, iteration, cfg.checkpoint.save,
+                                         data_state=checkpointing.data_state_of(data, iteration),
+                                         keep_last=cfg.checkpoint.keep_last)
+    log(f"stopping ({why}): saved checkpoint {path}")
 
 
 def shutdown() -> None:

@@ -8,6 +8,7 @@ step the optimizer, log.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,6 +22,9 @@ from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
 from megatron_distill.engine import Engine
 from megatron_distill.pipeline.loss_step import distill_loss_sums, fused_distill_loss_sums
 from megatron_distill.pipeline.stage import concat_hidden_shapes_fn
+from megatron_distill.resilience import step_is_finite
+
+TEACHER_NONFINITE_SLOT = 7
 
 
 @dataclass
@@ -45,6 +49,13 @@ def _to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
+def _flag_teacher(stats: dict, teacher_out: torch.Tensor | None) -> dict:
+    """Record whether the teacher's output for this micro-batch holds a non-finite value."""
+    if teacher_out is not None:
+        stats["teacher_nonfinite"] = (~torch.isfinite(teacher_out)).any().to(torch.float32).detach()
+    return stats
+
+
 def make_forward_step(engine: Engine, device: torch.device) -> Callable:
     """Megatron ``forward_step_func``: runs the stage, binds the teacher's output into the loss."""
     loss_cfg = engine.cfg.loss
@@ -54,23 +65,27 @@ def make_forward_step(engine: Engine, device: torch.device) -> Callable:
         out = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"))
         if not engine.stage.post_process:
             return out, None
+        if "inject_teacher_nan" in batch:  # fault-injection test hook (resilience.FaultInjector)
+            out = (out[0], *(t + float("nan") if i == 1 and t is not None else t for i, t in enumerate(out[1:], 1)))
         if engine.stage.output_mode == "hidden":
             student_hidden, student_weight, teacher_hidden, teacher_weight = out
 
             def fused_loss_func(output_tensor):
-                return fused_distill_loss_sums(
+                loss, tokens, stats = fused_distill_loss_sums(
                     output_tensor, student_weight, teacher_hidden, teacher_weight, batch["loss_mask"],
                     loss_cfg, engine.vocab_shard, engine.pg.tp, engine.cfg.parallel.sequence_parallel,
                 )
+                return loss, tokens, _flag_teacher(stats, teacher_hidden)
 
             return student_hidden, fused_loss_func
         student_logits, teacher_logits = out
 
         def loss_func(teacher_logits, output_tensor):
-            return distill_loss_sums(
+            loss, tokens, stats = distill_loss_sums(
                 output_tensor, teacher_logits, batch["labels"], batch["loss_mask"],
                 loss_cfg, engine.vocab_shard, engine.pg.tp,
             )
+            return loss, tokens, _flag_teacher(stats, teacher_logits)
 
         return student_logits, partial(loss_func, teacher_logits)
 
@@ -116,23 +131,28 @@ def run_iteration(engine: Engine, microbatches: list[dict], iteration: int, devi
     )
     sync()
     fwd_bwd_end = time.perf_counter()
+    sums, bad_microbatches = _global_sums(outputs, len(microbatches), pg, device)
     grad_norm = None
     skipped = False
     lr = engine.optimizer.param_groups[0]["lr"] if engine.optimizer is not None else 0.0
+    extra = {}
     if not forward_only:
-        success, grad_norm, _ = engine.optimizer.step()
-        skipped = not success
-        if success:
-            engine.scheduler.step(increment=1)
+        # A non-finite loss or gradient on any rank skips the step on every rank: no parameter,
+        # optimizer-state or LR-schedule change (resilience.py).
+        if step_is_finite(sums, engine.model, device):
+            success, grad_norm, _ = engine.optimizer.step()
+            skipped = not success
+            if success:
+                engine.scheduler.step(increment=1)
+        else:
+            skipped = True
+            extra["skip_reason"] = "non-finite loss or gradient"
+            extra["nonfinite_microbatches"] = bad_microbatches
+            if sums[TEACHER_NONFINITE_SLOT] > 0:
+                extra["skip_reason"] = "the teacher produced non-finite outputs"
     sync()
     optimizer_end = time.perf_counter()
-    sums = torch.zeros(3, dtype=torch.float64, device=device)
-    for out in outputs or []:
-        sums += out["sums"].to(torch.float64)
-    # Only last-stage ranks hold sums, replicated over TP: sum over the world, divide by TP.
-    dist.all_reduce(sums)
-    sums /= pg.tp.size()
-    kd_sum, ce_sum, tokens = sums.tolist()
+    kd_sum, ce_sum, tokens = sums.tolist()[:3]
     denom = max(tokens, 1.0)
     loss = (cfg.loss.kd_weight * kd_sum + cfg.loss.ce_weight * ce_sum) / denom
     seconds = time.perf_counter() - start
@@ -144,7 +164,7 @@ def run_iteration(engine: Engine, microbatches: list[dict], iteration: int, devi
         loss=loss,
         kd_loss=kd_sum / denom,
         ce_loss=ce_sum / denom,
-        num_tokens=int(tokens),
+        num_tokens=int(tokens) if math.isfinite(tokens) else -1,
         lr=lr,
         grad_norm=None if grad_norm is None else float(grad_norm),
         seconds=seconds,
@@ -153,5 +173,29 @@ def run_iteration(engine: Engine, microbatches: list[dict], iteration: int, devi
         extra={
             "forward_backward_seconds": fwd_bwd_end - start,
             "optimizer_seconds": optimizer_end - fwd_bwd_end,
+            **extra,
         },
     )
+
+
+def _global_sums(outputs, num_microbatches: int, pg, device: torch.device):
+    """Loss sums of the global batch (same on every rank) and the indices of non-finite micro-batches.
+
+    Only last-stage ranks hold per-micro-batch sums, replicated over TP: sum over the world and
+    divide by TP. Slots: 0 kd sum, 1 ce sum, 2 tokens, 3..6 free for loss-specific sums, 7 the
+    number of micro-batches whose teacher output was non-finite.
+    """
+    width = TEACHER_NONFINITE_SLOT + 1
+    sums = torch.zeros(width, dtype=torch.float64, device=device)
+    bad = torch.zeros(num_microbatches, dtype=torch.float64, device=device)
+    for i, out in enumerate(outputs or []):
+        local = out["sums"].to(torch.float64)
+        sums[: local.numel()] += local
+        if "teacher_nonfinite" in out:
+            sums[TEACHER_NONFINITE_SLOT] += out["teacher_nonfinite"].to(torch.float64)
+        if not torch.isfinite(local).all():
+            bad[i] = 1.0
+    dist.all_reduce(sums)
+    dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    sums /= pg.tp.size()
+    return sums, [i for i, flag in enumerate(bad.tolist()) if flag > 0]

@@ -127,6 +127,8 @@ def every_flag_argv() -> tuple[list[str], list[tuple[str, str, object]]]:
     ]
     rest = [
         ("--save", "/ckpt/out", "checkpoint", "save", "/ckpt/out"),
+        ("--auto-resume", None, "checkpoint", "auto_resume", True),
+        ("--max-skipped-steps", "3", "train", "max_skipped_steps", 3),
         ("--save-interval", "50", "checkpoint", "save_interval", 50),
         ("--load", "/ckpt/in", "checkpoint", "load", "/ckpt/in"),
         ("--keep-last", "3", "checkpoint", "keep_last", 3),

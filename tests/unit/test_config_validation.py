@@ -8,6 +8,7 @@ import re
 import pytest
 
 from megatron_distill.config import (
+    CheckpointConfig,
     ConfigError,
     DataConfig,
     DistillConfig,
@@ -21,7 +22,8 @@ from megatron_distill.config import (
 WORLD = 8  # TP 2 x PP 2 x DP 2
 
 
-def make(student=None, teacher=None, parallel=None, loss=None, train=None, data=None) -> DistillConfig:
+def make(student=None, teacher=None, parallel=None, loss=None, train=None, data=None,
+         checkpoint=None) -> DistillConfig:
     """A valid config for WORLD processes, with fields overridden by the given dicts."""
     s = dict(num_layers=4, hidden_size=64, num_attention_heads=4, vocab_size=256, max_position_embeddings=64)
     t = dict(num_layers=8, hidden_size=128, num_attention_heads=8, vocab_size=256, max_position_embeddings=64)
@@ -36,6 +38,7 @@ def make(student=None, teacher=None, parallel=None, loss=None, train=None, data=
             **{"seq_length": 64, "micro_batch_size": 2, "global_batch_size": 8, **(train or {})}
         ),
         data=DataConfig(**(data or {})),
+        checkpoint=CheckpointConfig(**(checkpoint or {})),
     )
 
 
@@ -273,6 +276,11 @@ def test_training_rules():
     fails(make(train={"transformer_impl": "te"}), "--transformer-impl must be one of")
     fails(make(train={"device": "tpu"}), "--device must be one of")
     fails(make(train={"log_interval": 0}), "--log-interval must be >= 1, got 0")
+
+
+def test_resilience_rules():
+    fails(make(train={"max_skipped_steps": 0}), "--max-skipped-steps must be >= 1")
+    fails(make(checkpoint={"auto_resume": True}), "--auto-resume needs --save DIR")
 
 
 def test_data_rules():
