@@ -1,0 +1,39 @@
+"""Preemption handler and fault-injection parsing (single process, no Megatron)."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+import torch
+
+from megatron_distill.resilience import FaultInjector, PreemptionHandler
+
+
+def test_signals_only_set_a_flag_and_a_second_signal_is_ignored():
+    messages = []
+    handler = PreemptionHandler(log=messages.append).install()
+    try:
+        assert not handler.should_stop(torch.device("cpu"))
+        os.kill(os.getpid(), signal.SIGUSR1)
+        os.kill(os.getpid(), signal.SIGTERM)  # e.g. during the checkpoint save: must not interrupt it
+        assert handler.received == signal.SIGUSR1
+        assert handler.should_stop(torch.device("cpu"))
+        assert "SIGUSR1" in messages[0] and "already stopping" in messages[1]
+    finally:
+        handler.uninstall()
+    assert signal.getsignal(signal.SIGTERM) is not handler._handle
+
+
+def test_fault_spec_parsing_and_nan_planting():
+    faults = FaultInjector("nan:2:0:1, sigterm:5:1")
+    assert [(f.kind, f.iteration, f.rank, f.micro_batch) for f in faults.faults] == [
+        ("nan", 2, 0, 1), ("sigterm", 5, 1, 0)]
+    batches = [{"loss_mask": torch.ones(2, 3)} for _ in range(2)]
+    out = faults.corrupt_batches(2, batches)
+    assert torch.isnan(out[1]["loss_mask"]).any() and not torch.isnan(out[0]["loss_mask"]).any()
+    assert not torch.isnan(batches[1]["loss_mask"]).any(), "the caller's batch must not be modified"
+    assert faults.corrupt_batches(3, batches) == batches
+    with pytest.raises(ValueError, match="bad entry 'boom:1:0'"):
+        FaultInjector("boom:1:0")
