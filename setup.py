@@ -25,10 +25,10 @@ setup(
         "packaging>=24.2",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6"],
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6", "ray>=2.9"],
         # Hugging Face tokenizers / checkpoints (local files only; no hub access needed).
         "te": ["transformer-engine[pytorch]>=2.9"],
         "sglang": ["sglang"],
-        "ray": ["ray[default]>=2.9"],
+        "ray": ["ray>=2.9"],
     },
 )
