@@ -346,6 +346,23 @@ _LOSS_FLAGS: tuple[_Flag, ...] = (
     ),
 )
 
+_LOSS_FLAGS = _LOSS_FLAGS + (
+    _Flag(
+        "kd_topk",
+        int,
+        None,
+        "Top-K teacher: the loss uses the teacher's log-probs on its K most likely tokens per position "
+        "(with --teacher-remote). forward_kl drops the teacher mass outside K; reverse_kl and jsd renormalize "
+        "both distributions over K.",
+    ),
+    _Flag(
+        "kd_topk_renormalize",
+        bool,
+        False,
+        "forward_kl on top-K: renormalize the teacher's K probabilities to sum to 1 first.",
+    ),
+)
+
 _DATA_FLAGS: tuple[_Flag, ...] = (
     _Flag(
         "data_source",
@@ -437,6 +454,23 @@ _MODEL_SOURCE_FLAGS: tuple[_Flag, ...] = (
         "DIR",
     ),
     _Flag(
+        "teacher_remote",
+        str,
+        None,
+        "Use a remote teacher service (python -m megatron_distill.teacher_service) at ADDRESS "
+        "(http://host:port) instead of a local teacher; needs --kd-topk. Shared token: "
+        "$MEGATRON_DISTILL_TEACHER_TOKEN. Requests go out one iteration ahead.",
+        None,
+        "ADDRESS",
+    ),
+    _Flag(
+        "teacher_remote_timeout_s",
+        float,
+        120.0,
+        "Seconds per request to the remote teacher before a retry (3 retries with backoff, then an error "
+        "naming the address).",
+    ),
+    _Flag(
         "export_hf",
         str,
         None,
@@ -518,6 +552,8 @@ _FIELD_MAP: dict[str, tuple[str, str]] = {
     "kd_loss_weight": ("loss", "kd_weight"),
     "kd_ce_weight": ("loss", "ce_weight"),
     "kd_loss_impl": ("loss", "impl"),
+    "kd_topk": ("loss", "topk"),
+    "kd_topk_renormalize": ("loss", "topk_renormalize"),
     "data_source": ("data", "source"),
     **{f.dest: ("data", f.dest) for f in _DATA_FLAGS if f.dest != "data_source"},
     **{f.dest: ("checkpoint", f.dest) for f in _MODEL_SOURCE_FLAGS},

@@ -74,6 +74,8 @@ class LossConfig:
     kd_weight: float = 1.0
     ce_weight: float = 0.0
     impl: str = "auto"
+    topk: int | None = None
+    topk_renormalize: bool = False
 
 
 @dataclass
@@ -142,6 +144,8 @@ class CheckpointConfig:
     student_hf: str | None = None
     teacher_load: str | None = None
     export_hf: str | None = None
+    teacher_remote: str | None = None
+    teacher_remote_timeout_s: float = 120.0
 
 
 @dataclass
@@ -275,6 +279,18 @@ def validate(cfg: DistillConfig, world_size: int) -> None:
             "--kd-loss-impl fused computes the distillation term only: use --kd-loss-impl reference (or auto) "
             "with --kd-ce-weight > 0"
         )
+    if cfg.checkpoint.teacher_remote:
+        if not loss.topk or loss.topk < 1:
+            errors.append("--teacher-remote needs --kd-topk K (K >= 1): the service answers top-K log-probs")
+        if cfg.checkpoint.teacher_load or train.teacher_pretrain_iters:
+            errors.append("--teacher-remote replaces the local teacher: drop --teacher-load / --teacher-pretrain-iters")
+        if cfg.data.pack_sequences:
+            errors.append("--teacher-remote scores whole rows as one sequence: it cannot be combined with "
+                          "--pack-sequences")
+        if loss.ce_weight > 0 and loss.impl == "fused":
+            errors.append("--kd-ce-weight > 0 needs --kd-loss-impl reference or auto")
+    elif loss.topk is not None:
+        errors.append("--kd-topk is only supported with --teacher-remote for now")
     if loss.impl not in KD_LOSS_IMPLS:
         errors.append(f"--kd-loss-impl must be one of {KD_LOSS_IMPLS}, got {loss.impl!r}")
     if train.seq_length > cfg.student.max_position_embeddings and cfg.student.position_embedding_type == (

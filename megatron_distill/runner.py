@@ -22,6 +22,7 @@ from megatron_distill.engine import build_model, init_model_parallel, kd_loss_ou
 from megatron_distill.metrics import MetricsLogger
 from megatron_distill.pipeline.stage import DistillStage
 from megatron_distill.platform import DeviceContext, init_distributed, resolve_device
+from megatron_distill.remote_teacher import RemoteTeacherFeed
 from megatron_distill.resilience import EXIT_PREEMPTED, EXIT_TOO_MANY_SKIPS, FaultInjector, PreemptionHandler
 from megatron_distill.training import IterationStats, run_iteration
 
@@ -73,8 +74,20 @@ def _loop(engine, data, iters: int, ctx: DeviceContext, logger: MetricsLogger,
     every rank after the current iteration (``Preempted``).
     """
     history = []
+    feed = guard.feed if guard is not None else None
+    # With a remote teacher the next iteration's batches are read one iteration early, so that
+    # their requests are in flight while this iteration trains.
+    upcoming = data.get(start) if feed is not None and start < iters else None
+    if upcoming is not None:
+        feed.prefetch(start + 1, upcoming)
     for it in range(start + 1, iters + 1):
-        batches = data.get(it - 1)
+        if feed is None:
+            batches = data.get(it - 1)
+        else:
+            batches, upcoming = upcoming, (data.get(it) if it < iters else None)
+            if upcoming is not None:
+                feed.prefetch(it + 1, upcoming)
+            batches = feed.attach(it, batches)
         if guard is not None:
             guard.faults.before_iteration(it)
             batches = guard.faults.corrupt_batches(it, batches)
@@ -99,6 +112,7 @@ class RunGuard:
     faults: FaultInjector
     max_skipped_steps: int
     stream: object = None
+    feed: RemoteTeacherFeed | None = None
     consecutive_skips: int = 0
 
     last_iteration: int = 0
@@ -138,6 +152,16 @@ def pretrain_teacher(cfg: DistillConfig, pg, ctx: DeviceContext, world: int, str
     return {k: v.detach().clone() if torch.is_tensor(v) else v for k, v in model.state_dict().items()}
 
 
+def _remote_feed(cfg: DistillConfig, pg, ctx: DeviceContext) -> RemoteTeacherFeed | None:
+    """The remote top-k teacher's feed (``--teacher-remote``), or None for a local teacher."""
+    if not cfg.checkpoint.teacher_remote:
+        return None
+    return RemoteTeacherFeed(
+        cfg.checkpoint.teacher_remote, cfg.loss.topk, cfg.student.vocab_size, cfg.loss.temperature, pg, ctx.device,
+        token=os.environ.get("MEGATRON_DISTILL_TEACHER_TOKEN"), timeout_s=cfg.checkpoint.teacher_remote_timeout_s,
+    )
+
+
 def _check_export_target(path: str | None) -> None:
     """Refuse a non-empty --export-hf directory before training, not after it."""
     if path and os.path.isdir(path) and os.listdir(path):
@@ -172,6 +196,10 @@ def _build_models(cfg: DistillConfig, pg, ctx: DeviceContext, world: int, stream
         pretrain_teacher(cfg, pg, ctx, world, stream, tokenizer) if pretrain and not load_teacher else None
     )
     student = build_model(cfg.student, cfg, pg, trainable=True, device=ctx.device)
+    if ckpt.teacher_remote:  # the teacher lives in a service (remote_teacher.py)
+        if ckpt.student_hf:
+            _load_hf(student, ckpt.student_hf, cfg.student, pg, "student", stream)
+        return student, None
     teacher = build_model(cfg.teacher, cfg, pg, trainable=False, device=ctx.device)
     if ckpt.student_hf:
         _load_hf(student, ckpt.student_hf, cfg.student, pg, "student", stream)
@@ -216,11 +244,9 @@ def run(cfg: DistillConfig, stream=None) -> list[IterationStats]:
         raise ConfigError(str(err)) from err
     _check_export_target(cfg.checkpoint.export_hf)
     student, teacher = _build_models(cfg, pg, ctx, world, stream, tokenizer)
-    _print0(
-        f"student: {count_parameters(student, pg):,} parameters; teacher: "
-        f"{count_parameters(teacher, pg):,} parameters (frozen)",
-        stream,
-    )
+    teacher_desc = (f"remote top-{cfg.loss.topk} teacher at {cfg.checkpoint.teacher_remote}" if teacher is None
+                    else f"teacher: {count_parameters(teacher, pg):,} parameters (frozen)")
+    _print0(f"student: {count_parameters(student, pg):,} parameters; {teacher_desc}", stream)
     output_mode = kd_loss_output_mode(cfg, ctx.device)
     _print0(f"distillation loss: {'fused output layer + loss' if output_mode == 'hidden' else 'reference'}", stream)
     engine = wrap_stage(DistillStage(student, teacher, output_mode=output_mode), cfg, pg)
@@ -232,7 +258,8 @@ def run(cfg: DistillConfig, stream=None) -> list[IterationStats]:
     if ckpt.load:  # after building the data: RNG states are restored last
         done_iters = _resume(engine, cfg, data, log)
     saver = checkpointing.periodic_saver(engine, ckpt, data, cfg.train.train_iters, log=log)
-    guard = RunGuard(PreemptionHandler().install(), FaultInjector(), cfg.train.max_skipped_steps, stream)
+    guard = RunGuard(PreemptionHandler().install(), FaultInjector(), cfg.train.max_skipped_steps, stream,
+                     feed=_remote_feed(cfg, pg, ctx))
     start = time.perf_counter()
     try:
         history = _loop(engine, data, cfg.train.train_iters, ctx, logger, cfg.train.log_interval,
@@ -247,6 +274,8 @@ def run(cfg: DistillConfig, stream=None) -> list[IterationStats]:
         raise SystemExit(EXIT_TOO_MANY_SKIPS) from None
     finally:
         guard.preemption.uninstall()
+        if guard.feed is not None:
+            guard.feed.close()
     if history:
         first, last = history[0], history[-1]
         _print0(
@@ -273,8 +302,11 @@ def _resume(engine, cfg: DistillConfig, data, log) -> int:
     if newest and good is None:
         raise ConfigError(f"--load {ckpt.load}: no intact checkpoint (all of iterations {newest} are damaged)")
     if newest and good != newest[-1]:
-        log(f"warning: checkpoint iteration {newest[-1]} in {ckpt.load} is incomplete or damaged; "
-            f"resuming from iteration {good} instead")
+        from megatron_distill.checkpoint_files import iteration_dir, verify_checkpoint
+
+        bad = iteration_dir(ckpt.load, newest[-1])
+        log(f"warning: refusing checkpoint {bad}: {'; '.join(verify_checkpoint(bad))}. "
+            f"The newest intact checkpoint is iteration {good}: resuming from iteration {good} instead")
         iteration, _ = checkpointing.load_checkpoint(engine, ckpt.load, iteration=good, data=data,
                                                      load_optim=ckpt.load_optim, load_rng=ckpt.load_rng, log=log)
         return iteration

@@ -20,7 +20,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
 
 from megatron_distill.engine import Engine
-from megatron_distill.pipeline.loss_step import distill_loss_sums, fused_distill_loss_sums
+from megatron_distill.pipeline.loss_step import distill_loss_sums, fused_distill_loss_sums, topk_distill_loss_sums
 from megatron_distill.pipeline.stage import concat_hidden_shapes_fn
 from megatron_distill.resilience import step_is_finite
 
@@ -67,6 +67,17 @@ def make_forward_step(engine: Engine, device: torch.device) -> Callable:
             return out, None
         if "inject_teacher_nan" in batch:  # fault-injection test hook (resilience.FaultInjector)
             out = (out[0], *(t + float("nan") if i == 1 and t is not None else t for i, t in enumerate(out[1:], 1)))
+        if "teacher_topk_ids" in batch:  # remote top-k teacher (remote_teacher.py): no local teacher
+            hidden_mode = engine.stage.output_mode == "hidden"
+
+            def topk_loss_func(output_tensor):
+                return topk_distill_loss_sums(
+                    output_tensor, batch, loss_cfg, engine.vocab_shard, engine.pg.tp,
+                    student_weight=out[1] if hidden_mode else None,
+                    sequence_parallel=engine.cfg.parallel.sequence_parallel,
+                )
+
+            return out[0], topk_loss_func
         if engine.stage.output_mode == "hidden":
             student_hidden, student_weight, teacher_hidden, teacher_weight = out
 

@@ -126,3 +126,43 @@ def fused_distill_loss_sums(
     zero = torch.zeros((), dtype=torch.float32, device=kd_sum.device)
     stats = torch.stack([kd_sum.detach().float(), zero, num_tokens.detach()])
     return total, num_tokens.to(torch.int), {"sums": stats}
+
+
+def topk_distill_loss_sums(
+    student_out: torch.Tensor,
+    batch: dict,
+    loss_cfg: LossConfig,
+    shard: VocabShard,
+    tp_group: ProcessGroup,
+    student_weight: torch.Tensor | None = None,
+    sequence_parallel: bool = False,
+):
+    """Distillation sums against a top-k teacher (``batch["teacher_topk_ids"/"teacher_topk_logprobs"]``, [b, s, K]).
+
+    ``student_out`` is the student's logits ``[b, s, V_local]`` (reference path), or with
+    ``student_weight`` its hidden states ``[s, b, h]`` for the fused top-k kernel. Same return
+    value as ``distill_loss_sums``.
+    """
+    from megatron_distill.losses.fused_topk import fused_linear_topk_distill_loss
+    from megatron_distill.losses.topk import topk_distill_loss_per_token
+
+    ids, logprobs = batch["teacher_topk_ids"], batch["teacher_topk_logprobs"]
+    kwargs = dict(beta=loss_cfg.beta, temperature=loss_cfg.temperature, renormalize=loss_cfg.topk_renormalize,
+                  tp_group=tp_group, vocab_start=shard.start)
+    if student_weight is None:
+        mask = batch["loss_mask"].float()
+        per_token = topk_distill_loss_per_token(student_out[..., : shard.valid], ids, logprobs, loss_cfg.kind,
+                                                **kwargs)
+        kd_sum = (per_token * mask).sum()
+    else:
+        mask = batch["loss_mask"].transpose(0, 1).reshape(-1).float()
+        k = ids.shape[-1]
+        kd_sum = fused_linear_topk_distill_loss(
+            student_out.reshape(-1, student_out.shape[-1]), student_weight[: shard.valid],
+            ids.transpose(0, 1).reshape(-1, k), logprobs.transpose(0, 1).reshape(-1, k), loss_cfg.kind,
+            loss_mask=mask, sequence_parallel=sequence_parallel, reduction="sum", **kwargs,
+        )
+    num_tokens = mask.sum()
+    zero = torch.zeros((), dtype=torch.float32, device=kd_sum.device)
+    stats = torch.stack([kd_sum.detach().float(), zero, num_tokens.detach()])
+    return loss_cfg.kd_weight * kd_sum, num_tokens.to(torch.int), {"sums": stats}

@@ -239,11 +239,14 @@ def test_keep_last_deletes_only_after_the_new_checkpoint_is_complete(runs):
 
 
 def test_truncated_checkpoint_is_refused_and_the_previous_one_found(runs):
+    """--load refuses the damaged newest checkpoint, naming it and the file, and resumes from the previous."""
     root = runs["root"] / "truncated"
     for resumed in runs["resumed"]:
-        error = resumed["truncated"]["error"]
-        assert str(files.iteration_dir(root, 20)) in error and runs["truncated_file"] in error
-        assert "truncated" in error and "newest intact checkpoint is iteration 10" in error
+        assert "error" not in resumed["truncated"], resumed["truncated"].get("error")
+        assert resumed["truncated"]["iterations"][0] == 11
+    log = runs["resumed"][0]["truncated"]["log"]  # rank 0 prints
+    assert str(files.iteration_dir(root, 20)) in log and runs["truncated_file"] in log
+    assert "truncated" in log and "newest intact checkpoint is iteration 10" in log
     problems = files.verify_checkpoint(files.iteration_dir(root, 20))
     assert len(problems) == 1 and runs["truncated_file"] in problems[0]
     assert files.find_latest_complete(root) == 10

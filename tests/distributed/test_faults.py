@@ -106,7 +106,8 @@ def test_damaged_newest_checkpoint_falls_back_to_previous(tmp_path, uninterrupte
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
     resumed = _run("--train-iters", "8", "--save", str(save), "--auto-resume", "--metrics-file", str(metrics))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "checkpoint iteration 6" in resumed.stdout and "resuming from iteration 3" in resumed.stdout
+    assert "refusing checkpoint" in resumed.stdout and "iter_0000006" in resumed.stdout
+    assert "truncated" in resumed.stdout and "resuming from iteration 3" in resumed.stdout
     got = _metrics(metrics)
     assert {i: got[i] for i in range(1, 9)} == uninterrupted
 
