@@ -435,6 +435,16 @@ _DATA_FLAGS: tuple[_Flag, ...] = (
     ),
     _Flag("data_cache_path", str, None, "Directory for dataset index caches.", None, "DIR"),
     _Flag(
+        "privileged_template",
+        str,
+        None,
+        "Privileged-context self-distillation: the block placed before the prompt in the teacher's input, "
+        "with {context} replaced by the row's privileged_context. Default with --teacher self-frozen / "
+        "self-live: 'Reference solution (for the teacher only):\\n{context}\\n\\n'.",
+        None,
+        "TEMPLATE",
+    ),
+    _Flag(
         "synthetic_branching",
         int,
         _default(DataConfig, "synthetic_branching"),
@@ -452,6 +462,16 @@ _MODEL_SOURCE_FLAGS: tuple[_Flag, ...] = (
         "Its config sets every --teacher-* architecture flag; an explicit flag that disagrees is an error.",
         None,
         "DIR",
+    ),
+    _Flag(
+        "teacher",
+        str,
+        "separate",
+        "Which teacher: separate (its own weights: --teacher-load / --teacher-* flags / --teacher-remote), "
+        "self-frozen (a frozen copy of the initial student) or self-live (the current student weights run "
+        "without grad, no second copy): privileged-context self-distillation on --train-data rows.",
+        ("separate", "self-frozen", "self-live"),
+        "{separate,self-frozen,self-live}",
     ),
     _Flag(
         "teacher_remote",
@@ -556,7 +576,8 @@ _FIELD_MAP: dict[str, tuple[str, str]] = {
     "kd_topk_renormalize": ("loss", "topk_renormalize"),
     "data_source": ("data", "source"),
     **{f.dest: ("data", f.dest) for f in _DATA_FLAGS if f.dest != "data_source"},
-    **{f.dest: ("checkpoint", f.dest) for f in _MODEL_SOURCE_FLAGS},
+    **{f.dest: ("checkpoint", f.dest) for f in _MODEL_SOURCE_FLAGS if f.dest != "teacher"},
+    "teacher": ("checkpoint", "teacher_mode"),
     **{f.dest: ("checkpoint", f.dest) for f in _CHECKPOINT_FLAGS},
 }
 

@@ -17,6 +17,7 @@ TRANSFORMER_IMPLS = ("local", "transformer_engine")
 KD_LOSS_IMPLS = ("auto", "fused", "reference")
 DEVICES = ("auto", "cuda", "cpu")
 DATA_SOURCES = ("auto", "synthetic", "chat", "indexed")
+TEACHER_MODES = ("separate", "self-frozen", "self-live")
 
 
 class ConfigError(ValueError):
@@ -126,6 +127,7 @@ class DataConfig:
     pack_sequences: bool = False
     reset_at_document_boundaries: bool = False
     data_cache_path: str | None = None
+    privileged_template: str | None = None
 
 
 @dataclass
@@ -146,6 +148,9 @@ class CheckpointConfig:
     export_hf: str | None = None
     teacher_remote: str | None = None
     teacher_remote_timeout_s: float = 120.0
+    # "separate" (its own weights), "self-frozen" (a frozen copy of the initial student) or
+    # "self-live" (the current student weights, no grad): privileged-context self-distillation.
+    teacher_mode: str = "separate"
 
 
 @dataclass
@@ -279,6 +284,19 @@ def validate(cfg: DistillConfig, world_size: int) -> None:
             "--kd-loss-impl fused computes the distillation term only: use --kd-loss-impl reference (or auto) "
             "with --kd-ce-weight > 0"
         )
+    mode = cfg.checkpoint.teacher_mode
+    if mode not in TEACHER_MODES:
+        errors.append(f"--teacher must be one of {TEACHER_MODES}, got {mode!r}")
+    elif mode != "separate":
+        if not cfg.data.train_data:
+            errors.append(f"--teacher {mode} (privileged-context self-distillation) needs --train-data rows "
+                          "with a privileged_context field")
+        if cfg.checkpoint.teacher_load or cfg.checkpoint.teacher_remote or train.teacher_pretrain_iters:
+            errors.append(f"--teacher {mode} uses the student as the teacher: drop --teacher-load / "
+                          "--teacher-remote / --teacher-pretrain-iters")
+    if (mode != "separate" or cfg.data.privileged_template) and cfg.data.pack_sequences:
+        errors.append("privileged context (--teacher self-* or --privileged-template) cannot be combined "
+                      "with --pack-sequences")
     if cfg.checkpoint.teacher_remote:
         if not loss.topk or loss.topk < 1:
             errors.append("--teacher-remote needs --kd-topk K (K >= 1): the service answers top-K log-probs")

@@ -67,8 +67,15 @@ def kd_loss_output_mode(cfg: DistillConfig, device: torch.device) -> str:
     (the fused path computes the distillation term only), the reference otherwise.
     """
     impl = cfg.loss.impl
+    privileged_sp = cfg.parallel.sequence_parallel and (
+        cfg.checkpoint.teacher_mode != "separate" or cfg.data.privileged_template
+    )
     if impl == "auto":
-        impl = "fused" if device.type == "cuda" and cfg.loss.ce_weight == 0 else "reference"
+        fused_ok = device.type == "cuda" and cfg.loss.ce_weight == 0 and not privileged_sp
+        impl = "fused" if fused_ok else "reference"
+    if impl == "fused" and privileged_sp:
+        raise ValueError("privileged context with --sequence-parallel needs --kd-loss-impl reference "
+                         "(the teacher's positions are realigned on the full sequence)")
     return "hidden" if impl == "fused" else "logits"
 
 

@@ -152,6 +152,33 @@ def pretrain_teacher(cfg: DistillConfig, pg, ctx: DeviceContext, world: int, str
     return {k: v.detach().clone() if torch.is_tensor(v) else v for k, v in model.state_dict().items()}
 
 
+def _self_teacher(cfg: DistillConfig, student, pg, ctx: DeviceContext, stream=None):
+    """Privileged-context self-distillation: the teacher is the student (module docstring of data/privileged.py).
+
+    ``self-live``: no teacher module (DistillStage runs the student twice). ``self-frozen``: a
+    frozen copy of the initial student (after ``--load`` of an HF dir), saved once under
+    ``--save`` and loaded from there on resume, so a resumed run keeps the same teacher.
+    """
+    ckpt, log = cfg.checkpoint, partial(_print0, stream=stream)
+    if ckpt.student_hf:
+        _load_hf(student, ckpt.student_hf, cfg.student, pg, "student", stream)
+    who = ("the current student weights, without grad" if ckpt.teacher_mode == "self-live"
+           else "a frozen copy of the initial student")
+    log(f"self-distillation: teacher = {who}; "
+        f"it sees the privileged context, the student does not; loss {cfg.loss.kind} at temperature "
+        f"{cfg.loss.temperature} (this mode's default: forward_kl at 1.0)")
+    if ckpt.teacher_mode == "self-live":
+        return None
+    teacher = build_model(cfg.student, cfg, pg, trainable=False, device=ctx.device)
+    if checkpointing.has_pretrained_teacher(ckpt.load):
+        checkpointing.load_pretrained_teacher(teacher, cfg, ckpt.load, log=log)
+    else:
+        teacher.load_state_dict(student.state_dict())
+        if ckpt.save and not checkpointing.has_pretrained_teacher(ckpt.save):
+            checkpointing.save_pretrained_teacher(teacher, cfg, pg, ckpt.save)
+    return teacher
+
+
 def _remote_feed(cfg: DistillConfig, pg, ctx: DeviceContext) -> RemoteTeacherFeed | None:
     """The remote top-k teacher's feed (``--teacher-remote``), or None for a local teacher."""
     if not cfg.checkpoint.teacher_remote:
@@ -196,6 +223,8 @@ def _build_models(cfg: DistillConfig, pg, ctx: DeviceContext, world: int, stream
         pretrain_teacher(cfg, pg, ctx, world, stream, tokenizer) if pretrain and not load_teacher else None
     )
     student = build_model(cfg.student, cfg, pg, trainable=True, device=ctx.device)
+    if ckpt.teacher_mode != "separate":
+        return student, _self_teacher(cfg, student, pg, ctx, stream)
     if ckpt.teacher_remote:  # the teacher lives in a service (remote_teacher.py)
         if ckpt.student_hf:
             _load_hf(student, ckpt.student_hf, cfg.student, pg, "student", stream)
@@ -222,6 +251,8 @@ def run(cfg: DistillConfig, stream=None) -> list[IterationStats]:
     ``train_iters`` iterations. Returns the per-iteration statistics (same on every rank).
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    if cfg.checkpoint.teacher_mode != "separate":  # self-distillation: the teacher has the student's shape
+        cfg = replace(cfg, teacher=cfg.student)
     validate(cfg, world)
     if cfg.checkpoint.auto_resume and not cfg.checkpoint.load:
         cfg = replace(cfg, checkpoint=replace(cfg.checkpoint, load=cfg.checkpoint.save))
@@ -244,12 +275,17 @@ def run(cfg: DistillConfig, stream=None) -> list[IterationStats]:
         raise ConfigError(str(err)) from err
     _check_export_target(cfg.checkpoint.export_hf)
     student, teacher = _build_models(cfg, pg, ctx, world, stream, tokenizer)
-    teacher_desc = (f"remote top-{cfg.loss.topk} teacher at {cfg.checkpoint.teacher_remote}" if teacher is None
-                    else f"teacher: {count_parameters(teacher, pg):,} parameters (frozen)")
+    if teacher is not None:
+        teacher_desc = f"teacher: {count_parameters(teacher, pg):,} parameters (frozen)"
+    elif cfg.checkpoint.teacher_remote:
+        teacher_desc = f"remote top-{cfg.loss.topk} teacher at {cfg.checkpoint.teacher_remote}"
+    else:
+        teacher_desc = "teacher: the student itself (self-live)"
     _print0(f"student: {count_parameters(student, pg):,} parameters; {teacher_desc}", stream)
     output_mode = kd_loss_output_mode(cfg, ctx.device)
     _print0(f"distillation loss: {'fused output layer + loss' if output_mode == 'hidden' else 'reference'}", stream)
-    engine = wrap_stage(DistillStage(student, teacher, output_mode=output_mode), cfg, pg)
+    engine = wrap_stage(DistillStage(student, teacher, output_mode=output_mode,
+                                     self_live=cfg.checkpoint.teacher_mode == "self-live"), cfg, pg)
     logger = MetricsLogger(cfg.train.metrics_file, ctx.rank, cfg.train.train_iters, stream=stream)
     data = _data(cfg, pg, world, tokenizer)
     _print0(f"data: {data_source_kind(cfg)}", stream)

@@ -56,15 +56,36 @@ def _flag_teacher(stats: dict, teacher_out: torch.Tensor | None) -> dict:
     return stats
 
 
+def align_teacher_output(out: tuple, teacher_index: torch.Tensor, output_mode: str) -> tuple:
+    """Reorder the teacher's last-stage output so position t is the one predicting the student's label t.
+
+    ``teacher_index`` ``[b, s]`` (data/privileged.py; -1 where no teacher position exists: those
+    tokens are already out of the loss mask). Logits mode: teacher logits ``[b, s, V_local]``;
+    hidden mode: teacher hidden states ``[s, b, h]`` (full sequence, no sequence parallelism).
+    """
+    index = teacher_index.clamp(min=0)
+    if output_mode == "hidden":
+        student_hidden, student_weight, teacher_hidden, teacher_weight = out
+        idx = index.transpose(0, 1).unsqueeze(-1).expand(-1, -1, teacher_hidden.shape[-1])
+        return student_hidden, student_weight, teacher_hidden.gather(0, idx), teacher_weight
+    student_logits, teacher_logits = out
+    idx = index.unsqueeze(-1).expand(-1, -1, teacher_logits.shape[-1])
+    return student_logits, teacher_logits.gather(1, idx)
+
+
 def make_forward_step(engine: Engine, device: torch.device) -> Callable:
     """Megatron ``forward_step_func``: runs the stage, binds the teacher's output into the loss."""
     loss_cfg = engine.cfg.loss
 
     def forward_step(data_iterator, model):
         batch = _to_device(next(data_iterator), device)
-        out = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"))
+        out = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"),
+                    teacher_input_ids=batch.get("teacher_tokens"),
+                    teacher_position_ids=batch.get("teacher_position_ids"))
         if not engine.stage.post_process:
             return out, None
+        if "teacher_index" in batch:  # privileged context: bring the teacher's positions to the student's
+            out = align_teacher_output(out, batch["teacher_index"], engine.stage.output_mode)
         if "inject_teacher_nan" in batch:  # fault-injection test hook (resilience.FaultInjector)
             out = (out[0], *(t + float("nan") if i == 1 and t is not None else t for i, t in enumerate(out[1:], 1)))
         if "teacher_topk_ids" in batch:  # remote top-k teacher (remote_teacher.py): no local teacher
@@ -124,7 +145,7 @@ def run_iteration(engine: Engine, microbatches: list[dict], iteration: int, devi
     if pg.pp.size() > 1:
         kwargs["p2p_communicator"] = P2PCommunicator(pp_group=pg.pp, config=stage.config)
         kwargs["pg_collection"] = pg
-        if stage.teacher is not None:
+        if stage.teacher_hidden > 0:  # a teacher (or self-live) rides along in the p2p tensor
             kwargs["adjust_tensor_shapes_fn"] = concat_hidden_shapes_fn(
                 stage.student_hidden, stage.teacher_hidden
             )

@@ -26,6 +26,15 @@ def data_source_kind(cfg: DistillConfig) -> str:
     return "synthetic"
 
 
+def privileged_template(cfg: DistillConfig) -> str | None:
+    """The teacher's privileged-context template, or None when the teacher sees the student's input."""
+    from megatron_distill.data.privileged import DEFAULT_PRIVILEGED_TEMPLATE
+
+    if cfg.data.privileged_template:
+        return cfg.data.privileged_template
+    return DEFAULT_PRIVILEGED_TEMPLATE if cfg.checkpoint.teacher_mode != "separate" else None
+
+
 def load_tokenizers(cfg: DistillConfig):
     """The student tokenizer (``--tokenizer-model``), checked against the teacher's when given.
 
@@ -64,6 +73,7 @@ def build_data_source(cfg: DistillConfig, dp_rank: int, dp_size: int, tokenizer:
             data.train_data, tokenizer, train.seq_length, train.global_batch_size, train.micro_batch_size,
             dp_rank=dp_rank, dp_size=dp_size, seed=data.data_seed, skip_malformed=data.skip_malformed_rows,
             pack=data.pack_sequences, cache_dir=data.data_cache_path,
+            privileged_template=privileged_template(cfg),
         )
     from megatron_distill.data.indexed import IndexedBatches
 

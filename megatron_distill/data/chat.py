@@ -49,6 +49,7 @@ class ChatDataStats:
     dropped_no_loss: int = 0
     samples: int = 0
     packed_rows: int = 0
+    no_privileged_context: int = 0
 
 
 def tokenize_row(row: Row, tokenizer: Any) -> tuple[list[int], list[int]]:
@@ -115,11 +116,17 @@ class ChatBatches:
         skip_malformed: bool = False,
         pack: bool = False,
         cache_dir: str | None = None,
+        privileged_template: str | None = None,
     ) -> None:
         check_batch_sizes(global_batch_size, micro_batch_size, dp_rank, dp_size)
         self.seq_length, self.global_batch_size, self.micro_batch_size = seq_length, global_batch_size, micro_batch_size
         self.dp_rank, self.dp_size, self.pack = dp_rank, dp_size, pack
         self.pad_token_id = pad_token_id(tokenizer)
+        # Privileged-context self-distillation (data/privileged.py): the teacher's view per sample.
+        self.privileged_template = privileged_template
+        self._tokenizer = tokenizer
+        if privileged_template is not None and pack:
+            raise ValueError("privileged-context self-distillation does not combine with --pack-sequences")
         self.stats = ChatDataStats()
         self.position = SamplePosition(global_batch_size, seed)
         self.paths = [Path(p) for p in ([paths] if isinstance(paths, (str, Path)) else paths)]
@@ -157,7 +164,16 @@ class ChatBatches:
         ids_t = torch.tensor(ids, dtype=torch.long)
         meta = {"source": row.source, "privileged_context": row.privileged_context, "reference": row.reference}
         loss_mask = torch.tensor(mask[1:], dtype=torch.float)
-        self._samples.append({"tokens": ids_t[:-1], "labels": ids_t[1:], "loss_mask": loss_mask, "meta": meta})
+        sample = {"tokens": ids_t[:-1], "labels": ids_t[1:], "loss_mask": loss_mask, "meta": meta}
+        if self.privileged_template is not None:
+            from megatron_distill.data.privileged import context_ids
+
+            if row.privileged_context:
+                sample["context_ids"] = context_ids(self._tokenizer, self.privileged_template, row.privileged_context)
+            else:
+                sample["context_ids"] = []
+                self.stats.no_privileged_context += 1
+        self._samples.append(sample)
 
     @property
     def num_rows(self) -> int:
@@ -179,13 +195,21 @@ class ChatBatches:
     def _unpacked(self, index: int) -> dict[str, Any]:
         s = self._samples[index]
         row = pack_row([s], self.seq_length, self.pad_token_id)
-        return {
+        out = {
             "tokens": row["tokens"],
             "labels": row["labels"],
             "loss_mask": row["loss_mask"],
             "position_ids": torch.arange(self.seq_length),
             "meta": s["meta"],
         }
+        if "context_ids" in s:
+            from megatron_distill.data.privileged import teacher_fields
+
+            fields = teacher_fields(row["tokens"], row["labels"], row["loss_mask"], s["context_ids"],
+                                    self._tokenizer.bos_token_id, self.pad_token_id)
+            out.update(fields)
+            out["loss_mask"] = out["loss_mask"] * (fields["teacher_index"] >= 0).float()
+        return out
 
     def _collate(self, rows: list[int]) -> dict[str, Any]:
         if self._packs is not None:
@@ -196,7 +220,10 @@ class ChatBatches:
             batch["meta"] = [{"documents": [self._samples[i]["meta"] for i in self._packs[r]]} for r in rows]
             return batch
         items = [self._unpacked(r) for r in rows]
-        batch = {k: torch.stack([it[k] for it in items]) for k in ("tokens", "labels", "loss_mask", "position_ids")}
+        keys = ["tokens", "labels", "loss_mask", "position_ids"]
+        if "teacher_tokens" in items[0]:
+            keys += ["teacher_tokens", "teacher_position_ids", "teacher_index"]
+        batch = {k: torch.stack([it[k] for it in items]) for k in keys}
         batch["meta"] = [it["meta"] for it in items]
         return batch
 

@@ -52,8 +52,15 @@ class DistillStage(MegatronModule):
     that never materialises the logits.
     """
 
-    def __init__(self, student: GPTModel, teacher: GPTModel | None, output_mode: str = "logits"):
+    def __init__(self, student: GPTModel, teacher: GPTModel | None, output_mode: str = "logits",
+                 self_live: bool = False):
         super().__init__(config=student.config)
+        if self_live and teacher is not None:
+            raise ValueError("self_live uses the student as its own teacher: pass teacher=None")
+        # --teacher self-live: the current student weights score the teacher's input, without grad
+        # and in eval mode, in this same module (no second copy of the weights).
+        self.self_live = self_live
+        self._teacher_input = None
         if output_mode not in ("logits", "hidden"):
             raise ValueError(f"output_mode must be 'logits' or 'hidden', got {output_mode!r}")
         self.student = student
@@ -74,7 +81,9 @@ class DistillStage(MegatronModule):
         self.post_process = student.post_process
         self.share_embeddings_and_output_weights = student.share_embeddings_and_output_weights
         self.student_hidden = student.config.hidden_size
-        self.teacher_hidden = teacher.config.hidden_size if teacher is not None else 0
+        self.teacher_hidden = (
+            student.config.hidden_size if self_live else teacher.config.hidden_size if teacher is not None else 0
+        )
 
     def shared_embedding_or_output_weight(self) -> torch.Tensor:
         """The student's tied embedding / output weight (Megatron syncs its grads across PP)."""
@@ -92,16 +101,20 @@ class DistillStage(MegatronModule):
         if isinstance(input_tensor, list):
             assert len(input_tensor) == 1, "DistillStage expects one input tensor per stage"
             input_tensor = input_tensor[0]
-        if input_tensor is None or self.teacher is None:
+        if input_tensor is None or (self.teacher is None and not self.self_live):
             self.student.set_input_tensor(input_tensor)
             if self.teacher is not None:
                 self.teacher.set_input_tensor(None)
+            self._teacher_input = None
             return
         student_part, teacher_part = torch.split(
             input_tensor, [self.student_hidden, self.teacher_hidden], dim=-1
         )
         self.student.set_input_tensor(student_part.contiguous())
-        self.teacher.set_input_tensor(teacher_part.detach().contiguous())
+        if self.self_live:
+            self._teacher_input = teacher_part.detach().contiguous()
+        else:
+            self.teacher.set_input_tensor(teacher_part.detach().contiguous())
 
     def forward(
         self,
@@ -117,6 +130,9 @@ class DistillStage(MegatronModule):
         concatenation on intermediate stages, ``(student_logits, teacher_logits)`` of shape
         ``[b, s, V_local]`` on the last (teacher_logits None without a teacher).
         """
+        if self.self_live:
+            return _self_live_forward(self, input_ids, position_ids, attention_mask, teacher_input_ids,
+                                      teacher_position_ids)
         student_out = self.student(input_ids, position_ids, attention_mask)
         teacher_out = None
         if self.teacher is not None:
@@ -135,6 +151,33 @@ class DistillStage(MegatronModule):
             teacher_weight = self._captures["teacher"].weight if teacher_out is not None else None
             return student_hidden, self._captures["student"].weight, teacher_hidden, teacher_weight
         return student_out, teacher_out
+
+
+def _self_live_forward(stage: DistillStage, input_ids, position_ids, attention_mask, teacher_input_ids,
+                       teacher_position_ids):
+    """--teacher self-live: a teacher pass (no grad, eval mode), then the student pass, same weights."""
+    student = stage.student
+    was_training = student.training
+    student_input = getattr(student.decoder, "input_tensor", None)
+    student.eval()
+    if not stage.pre_process:
+        student.set_input_tensor(stage._teacher_input)
+    with torch.no_grad():
+        teacher_out = student(
+            input_ids if teacher_input_ids is None else teacher_input_ids,
+            position_ids if teacher_position_ids is None else teacher_position_ids,
+            attention_mask,
+        )
+    student.train(was_training)
+    if not stage.pre_process:
+        student.set_input_tensor(student_input)
+    student_out = student(input_ids, position_ids, attention_mask)
+    if not stage.post_process:
+        return torch.cat([student_out, teacher_out], dim=-1)
+    if stage.output_mode == "hidden":
+        weight = stage._captures["student"].weight
+        return student_out.transpose(0, 1), weight, teacher_out.transpose(0, 1), weight
+    return student_out, teacher_out
 
 
 def concat_hidden_shapes_fn(student_hidden: int, teacher_hidden: int) -> Callable:

@@ -178,6 +178,8 @@ def every_flag_argv() -> tuple[list[str], list[tuple[str, str, object]]]:
         ("--data-cache-path", "/cache", "data", "data_cache_path", "/cache"),
         ("--teacher-load", "/t", "checkpoint", "teacher_load", "/t"),
         ("--teacher-remote", "http://t:1", "checkpoint", "teacher_remote", "http://t:1"),
+        ("--teacher", "self-live", "checkpoint", "teacher_mode", "self-live"),
+        ("--privileged-template", "ctx: {context}", "data", "privileged_template", "ctx: {context}"),
         ("--teacher-remote-timeout-s", "5.5", "checkpoint", "teacher_remote_timeout_s", 5.5),
         ("--kd-topk", "16", "loss", "topk", 16),
         ("--kd-topk-renormalize", None, "loss", "topk_renormalize", True),

@@ -278,6 +278,13 @@ def test_training_rules():
     fails(make(train={"log_interval": 0}), "--log-interval must be >= 1, got 0")
 
 
+def test_self_distillation_rules():
+    fails(make(checkpoint={"teacher_mode": "self-frozen"}), "--teacher self-frozen .* needs --train-data")
+    fails(make(checkpoint={"teacher_mode": "self-live", "teacher_load": "/t"}, data={"train_data": ["a"]}),
+          "--teacher self-live uses the student as the teacher")
+    fails(make(checkpoint={"teacher_mode": "bogus"}), "--teacher must be one of")
+
+
 def test_resilience_rules():
     fails(make(train={"max_skipped_steps": 0}), "--max-skipped-steps must be >= 1")
     fails(make(checkpoint={"auto_resume": True}), "--auto-resume needs --save DIR")
