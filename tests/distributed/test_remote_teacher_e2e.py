@@ -10,41 +10,21 @@ address.
 from __future__ import annotations
 
 import json
-import re
 import signal
-import subprocess
-import sys
-import threading
-import time
 
 import pytest
 
+from tests._teacher_service import start_service
 from tests.distributed.test_hf_distill_e2e import setup  # noqa: F401  (fixture: HF models, tokenizer, data)
-from tests.distributed.test_launcher import REPO, _torchrun
+from tests.distributed.test_launcher import _torchrun
 
 
 @pytest.fixture(scope="module")
 def service(setup):  # noqa: F811
     pytest.importorskip("ray", reason='the teacher service needs Ray: pip install "ray>=2.9"')
     _, teacher, _, _, _ = setup
-    cmd = [sys.executable, "-m", "megatron_distill.teacher_service", "--teacher-load", str(teacher),
-           "--topk", "8", "--replicas", "1", "--port", "0", "--cpus-per-replica", "0.5"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
-    lines, found = [], threading.Event()
-
-    def drain():
-        for line in proc.stdout:
-            lines.append(line)
-            if "listening on" in line:
-                found.set()
-
-    threading.Thread(target=drain, daemon=True).start()
-    deadline = time.monotonic() + 150
-    while not found.wait(0.5):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail("the teacher service did not start:\n" + "".join(lines[-40:]))
-    yield re.search(r"listening on (http://\S+)", "".join(lines)).group(1), proc
+    address, proc, _ = start_service(str(teacher), 8, 1)
+    yield address, proc
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
