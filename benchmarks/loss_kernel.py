@@ -12,7 +12,8 @@ For each case (bf16, teacher without grad) it times side by side in one process:
 Time is the median over repeats of CUDA-event-timed calls; memory is the peak allocated during
 one call minus the inputs alone (the gradients the call produces count).
 
-    python benchmarks/loss_kernel.py [--sweep] [--kernel-sweep] [--out DIR]
+    python benchmarks/loss_kernel.py [--sweep] [--kernel-sweep] [--gemm-sweep] [--out DIR]
+    ncu ... python benchmarks/loss_kernel.py --profile-kernels
     torchrun --nproc-per-node 2 benchmarks/loss_kernel.py --tp 2
 
 With ``--tp 2`` each rank holds V/2 vocab rows of both output layers (same global shapes) and the
@@ -49,30 +50,47 @@ CASES = {
 }
 KINDS = {"jsd": 0.5, "forward_kl": 0.5}
 GIB = 1 << 30
-# (chunk_tokens, teacher_chunk_tokens, element-wise kernel config overrides): for --sweep
-SWEEP = [
-    (1024, 1024, {}),
-    (1536, 512, {}),
-    (2048, 256, {}),
-    (2048, 512, {}),
-    (4096, 512, {}),
-    (4096, 1024, {}),
-    (4096, 4096, {}),
-    (8192, 1024, {}),
-    (None, None, {"num_stages": 1}),
-]
-# (block_v, num_warps, num_stages, programs_per_sm): for --kernel-sweep
+# (chunk_tokens, teacher_chunk_tokens, element-wise kernel config overrides): for --sweep.
+# Memory (case 1): peak extra ~0.61 GiB (gradients) + (C + C_t) * 0.283 MiB, so C + C_t <= 2293
+# keeps within Liger's 1.26 GiB. single_pass=False is the multi-pass path (previous default);
+# sp_* set a single-pass launch setting for both kinds (defaults: ew.SP_DEFAULTS, per kind).
+SWEEP = {
+    "T8k_V152k": [
+        (None, None, {"single_pass": False}),
+        (None, None, {"sp_pipelined": True, "sp_block_v": 1024, "sp_programs_per_sm": 6, "sp_segments": 24}),
+        (None, None, {"sp_block_v": 2048, "sp_programs_per_sm": 4}),
+        (None, None, {"sp_block_v": 1024, "sp_programs_per_sm": 8}),
+        (1024, 512, {}),
+        (1366, 683, {}),
+        (2048, 256, {}),
+        (4096, 4096, {}),
+    ],
+    "T16k_V128k": [
+        (None, None, {"single_pass": False}),
+        (2048, 1024, {}),
+        (4096, 4096, {}),
+    ],
+}
+# (block_v, num_warps, num_stages, programs_per_sm): for --kernel-sweep (multi-pass kernels)
 KERNEL_SWEEP = [
-    (4096, 8, 1, 16),
-    (4096, 8, 2, 16),
     (4096, 8, 3, 16),
     (4096, 8, 4, 16),
-    (4096, 8, 3, 8),
-    (4096, 8, 3, 32),
-    (4096, 4, 3, 16),
     (2048, 4, 3, 16),
-    (8192, 8, 3, 16),
 ]
+# (pipelined, block_v, num_warps, num_stages, programs_per_sm, segments): --kernel-sweep, single pass
+SP_SWEEP = [
+    (True, 1024, 4, 3, 6, 24),
+    (True, 1024, 4, 3, 8, 32),
+    (True, 1024, 4, 3, 4, 16),
+    (True, 1024, 4, 2, 8, 24),
+    (True, 1024, 4, 1, 8, 24),
+    (True, 2048, 4, 3, 4, 16),
+    (True, 2048, 4, 3, 4, 32),
+    (True, 512, 2, 3, 12, 32),
+    (False, 2048, 4, 3, 4, 16),
+    (False, 1024, 4, 3, 8, 16),
+]
+LAUNCHES = 10  # kernel-level timings: back-to-back launches per timed call (hides host overhead)
 
 
 def _rank() -> int:
@@ -284,6 +302,99 @@ def kernel_sweep(v: int, rows: int = 512):
     return out
 
 
+def sp_kernel_sweep(v: int, rows: int):
+    """The single-pass kernel (stats + loss + dz in one launch) against the multi-pass kernels
+    on one chunk of ``rows``; GB/s counts the DRAM minimum (read z_S, z_T, write dz: 3 units)."""
+    out = []
+    g = torch.Generator(device="cuda").manual_seed(1)
+    zs0 = torch.randn(rows, v, device="cuda", generator=g).mul_(2).to(torch.bfloat16)
+    zt = torch.randn(rows, v, device="cuda", generator=g).mul_(2).to(torch.bfloat16)
+    zs = zs0.clone()
+    unit = rows * v * 2
+    dev = zs.device
+
+    def multi_pass(kind):
+        split = ew.default_split(rows, v, dev)
+        loss = torch.empty(split, rows, device=dev)
+
+        def fn():
+            stats = ew.row_stats(zs, zt, 1.0, False, split=split)
+            if kind == "jsd":
+                kl = ew.jsd_row_sums(zs, zt, stats, loss, beta=0.5, temperature=1.0)
+                ew.jsd_grad_(zs, zt, stats, kl, beta=0.5, temperature=1.0, grad_scale=1e-4, split=split)
+            else:
+                ew.kl_loss_grad_(zs, zt, stats, loss, reverse=False, temperature=1.0, grad_scale=1e-4)
+
+        return fn
+
+    def single_pass(kind, pipelined, block_v, num_warps, num_stages, per_sm, segments):
+        split = ew.single_pass_split(v, dev, segments, block_v)
+        loss = torch.empty(split, rows, device=dev)
+        kw = dict(block_v=block_v, num_warps=num_warps, num_stages=num_stages, programs_per_sm=per_sm)
+
+        def fn():
+            ew.single_pass_loss_grad_(
+                zs, zt, loss, kind=kind, beta=0.5, temperature=1.0, grad_scale=1e-4, pipelined=pipelined, **kw
+            )
+
+        return fn, split
+
+    def repeat(fn):
+        def many():
+            for _ in range(LAUNCHES):
+                fn()
+
+        return many
+
+    for kind in ("forward_kl", "jsd"):
+        variants = [(dict(path="multi-pass"), multi_pass(kind))]
+        for pipelined, block_v, num_warps, num_stages, per_sm, segments in SP_SWEEP:
+            fn, split = single_pass(kind, pipelined, block_v, num_warps, num_stages, per_sm, segments)
+            cfg = dict(path="pipelined" if pipelined else "single-pass", block_v=block_v, num_warps=num_warps,
+                       num_stages=num_stages, programs_per_sm=per_sm, segments=split)
+            variants.append((cfg, fn))
+        for cfg, fn in variants:
+            zs.copy_(zs0)
+            row = dict(kernel=kind, rows=rows, **cfg)
+            try:
+                t = statistics.median(timed(repeat(fn), 7, 1)) / LAUNCHES
+                row.update(ms=round(t, 4), gbps_3units=round(3 * unit / t / 1e6, 1))
+            except Exception as exc:
+                row["error"] = repr(exc)[:199]
+            out.append(row)
+            log(f"  {kind:<10} rows={rows} {cfg} {row.get('ms')} ms {row.get('gbps_3units')} GB/s(3 units)")
+    return out
+
+
+def profile_kernels(v: int, rows: int) -> None:
+    """A few launches of each element-wise path, for ncu (after a warm-up that compiles): per
+    round, KL multi-pass (2 kernels), single pass, pipelined, then JSD (3 kernels), single
+    pass, pipelined."""
+    g = torch.Generator(device="cuda").manual_seed(2)
+    zs0 = torch.randn(rows, v, device="cuda", generator=g).mul_(2).to(torch.bfloat16)
+    zt = torch.randn(rows, v, device="cuda", generator=g).mul_(2).to(torch.bfloat16)
+    zs = zs0.clone()
+    dev = zs.device
+    split = ew.default_split(rows, v, dev)
+    loss = torch.empty(split, rows, device=dev)
+    for _ in range(2):  # the second round is the one to look at (compiled, occupancy known)
+        for kind in ("forward_kl", "jsd"):
+            sp_loss = torch.empty(ew.single_pass_split(v, dev, kind=kind), rows, device=dev)
+            zs.copy_(zs0)
+            stats = ew.row_stats(zs, zt, 1.0, False, split=split)
+            if kind == "jsd":
+                kl = ew.jsd_row_sums(zs, zt, stats, loss, beta=0.5, temperature=1.0)
+                ew.jsd_grad_(zs, zt, stats, kl, beta=0.5, temperature=1.0, grad_scale=1e-4, split=split)
+            else:
+                ew.kl_loss_grad_(zs, zt, stats, loss, reverse=False, temperature=1.0, grad_scale=1e-4)
+            for pipelined in (False, True):
+                zs.copy_(zs0)
+                ew.single_pass_loss_grad_(
+                    zs, zt, sp_loss, kind=kind, beta=0.5, temperature=1.0, grad_scale=1e-4, pipelined=pipelined
+                )
+    torch.cuda.synchronize()
+
+
 def triton_cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -344,7 +455,7 @@ def run_case(name, case, args, group, tp, rank):
             label = f"fused {kind} sequence-parallel"
             res["rows"].append(measure(label, fused_sp(kind), r, w_, group, extra, clear))
         if args.sweep and tp == 1:
-            for c, ct, kernel in SWEEP:
+            for c, ct, kernel in SWEEP.get(name, []):
                 if c is not None and c > case["T"]:
                     continue
                 kw = dict(chunk_tokens=c, teacher_chunk_tokens=ct)
@@ -402,6 +513,7 @@ def environment(tp: int) -> dict:
         python=platform.python_version(),
         tp=tp,
         command=(f"torchrun --nproc-per-node {tp} " if tp > 1 else "python ") + " ".join(sys.argv),
+        kernel_config=dict(ew.KERNEL_CONFIG),
     )
 
 
@@ -435,7 +547,7 @@ def markdown(report: dict) -> str:
                     f"grad_h {c['grad_h_rel_err']:.2e}, grad_W {c['grad_w_rel_err']:.2e}"
                 )
         lines.append("")
-    for key in ("kernel_sweep", "gemm_sweep"):
+    for key in ("sp_kernel_sweep", "kernel_sweep", "gemm_sweep"):
         if report.get(key):
             lines += [f"## {key}", "", "```", *[json.dumps(r) for r in report[key]], "```", ""]
     return "\n".join(lines)
@@ -449,13 +561,24 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--sweep", action="store_true", help="also time fixed chunking configurations")
-    p.add_argument("--kernel-sweep", action="store_true", help="element-wise kernels' launch configurations")
+    p.add_argument("--kernel-sweep", action="store_true", help="single-pass kernel configurations vs multi-pass")
     p.add_argument("--gemm-sweep", action="store_true", help="GEMM speed at chunk sizes")
+    p.add_argument("--profile-kernels", action="store_true", help="only launch the element-wise kernels (for ncu)")
     p.add_argument("--no-reference", action="store_true")
     p.add_argument("--no-liger", action="store_true")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    p.add_argument("--tag", default="", help="suffix of the output files' names")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=JSON", help="override ew.KERNEL_CONFIG entries")
     args = p.parse_args()
 
+    for item in args.set:
+        key, value = item.split("=", 1)
+        if key not in ew.KERNEL_CONFIG:
+            raise SystemExit(f"unknown KERNEL_CONFIG key {key!r}")
+        ew.KERNEL_CONFIG[key] = json.loads(value)
+    if args.profile_kernels:
+        profile_kernels(CASES["T8k_V152k"]["V"], 1024)
+        return
     group, rank = None, 0
     if args.tp > 1:
         dist.init_process_group("nccl")
@@ -467,6 +590,7 @@ def main() -> None:
     report = dict(environment=env, cases=[])
     slug = env["device"].replace("NVIDIA ", "").replace(" ", "-")
     stem = f"loss_kernel_{slug}_{env['date'][:10]}" + (f"_tp{args.tp}" if args.tp > 1 else "")
+    stem += f"_{args.tag}" if args.tag else ""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -476,14 +600,15 @@ def main() -> None:
             (out / f"{stem}.md").write_text(markdown(report))
 
     t0 = time.time()
+    if args.kernel_sweep and rank == 0:
+        v1 = CASES["T8k_V152k"]["V"] // args.tp
+        report["sp_kernel_sweep"] = sp_kernel_sweep(v1, 1024) + sp_kernel_sweep(v1, 512)
+        save()
     for name in args.cases:
         report["cases"].append(run_case(name, CASES[name], args, group, args.tp, rank))
         save()
     if args.gemm_sweep and rank == 0:
         report["gemm_sweep"] = gemm_sweep(CASES["T8k_V152k"])
-        save()
-    if args.kernel_sweep and rank == 0:
-        report["kernel_sweep"] = kernel_sweep(CASES["T8k_V152k"]["V"] // args.tp)
         save()
     log(f"done in {time.time() - t0:.0f} s; wrote {out / stem}.json/.md")
     if rank == 0:

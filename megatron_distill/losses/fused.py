@@ -15,6 +15,11 @@ Per chunk of ``C`` (unmasked) tokens:
    all-reduced row sum, KL(p_S || M), between its statistics and dz);
 3. ``grad_h[rows] = dz W_S`` and ``grad_W += dz^T h_S``.
 
+With one process (no TP) the whole of step 2's element-wise work is one persistent Triton
+launch per teacher sub-chunk (``ew.single_pass_loss_grad_``): the programs sharing a row wait
+for each other's partial statistics and re-read their vocab segment from L2, so the logits
+cross DRAM once (read z_S, z_T, write dz) instead of twice (KL) or three times (JSD).
+
 A teacher sub-chunk shorter than the chunk saves memory (teacher logits die once their rows'
 dz is written, while the student buffer becomes dz, the operand of the weight-gradient GEMM,
 whose cost per chunk includes a read and write of the whole ``[V_local, h_s]`` gradient). On an
@@ -164,6 +169,12 @@ def _loss_grad_(zs, zt, loss_out, cfg: _Config, grad_scale: float) -> None:
     )
 
 
+def _single_pass(cfg: _Config) -> bool:
+    """One process holds whole vocabulary rows: statistics, loss and dz in one launch
+    (``ew.single_pass_loss_grad_``), no all-reduce between the passes."""
+    return cfg.impl == "triton" and group_size(cfg.tp_group) == 1 and bool(ew.KERNEL_CONFIG["single_pass"])
+
+
 def _accumulate_weight_grad(grad_w, dz, h, first: bool) -> None:
     if grad_w.dtype == dz.dtype:
         # cuBLAS accumulates in fp32 within the call; one rounding per chunk
@@ -211,7 +222,11 @@ def _fused_forward(hs, ws, ht, wt, loss_mask, cfg: _Config, need_gh: bool, need_
         n, v_local, ws.shape[1], ws.element_size(), device, cfg.chunk_tokens, cfg.teacher_chunk_tokens
     )
     # per-row loss partials, one per vocab segment of the element-wise kernels' grid
-    split = ew.default_split(teacher_chunk, v_local, device) if cfg.impl == "triton" else 1
+    single = _single_pass(cfg)
+    if single:
+        split = ew.single_pass_split(v_local, device, kind=cfg.kind)
+    else:
+        split = ew.default_split(teacher_chunk, v_local, device) if cfg.impl == "triton" else 1
     loss_parts = torch.zeros((split, n), dtype=torch.float32, device=device)
     if n > 0:
         buf_s = torch.empty((chunk, v_local), dtype=ws.dtype, device=device)
@@ -225,7 +240,12 @@ def _fused_forward(hs, ws, ht, wt, loss_mask, cfg: _Config, need_gh: bool, need_
             t1 = min(t0 + teacher_chunk, c1 - c0)
             zt = buf_t[: t1 - t0]
             torch.mm(_rows(ht, idx, c0 + t0, c0 + t1), wt.t(), out=zt)
-            _loss_grad_(zs[t0:t1], zt, loss_parts[:, c0 + t0 : c0 + t1], cfg, grad_scale)
+            loss_out = loss_parts[:, c0 + t0 : c0 + t1]
+            if single:
+                kw = dict(kind=cfg.kind, beta=cfg.beta, temperature=cfg.temperature, impl=cfg.impl)
+                ew.single_pass_loss_grad_(zs[t0:t1], zt, loss_out, grad_scale=grad_scale, **kw)
+            else:
+                _loss_grad_(zs[t0:t1], zt, loss_out, cfg, grad_scale)
         if need_gh:
             if idx is None:
                 torch.mm(zs, ws, out=grad_h[c0:c1])

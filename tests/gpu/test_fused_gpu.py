@@ -104,3 +104,41 @@ def test_fused_matches_fp32_reference_at_benchmark_shapes(inputs, kind, beta, ta
         f"{abs(loss.item() - ref_loss.item()) / abs(ref_loss.item()):.2e}, "
         f"grad_h {_rel(hs.grad, ref_gh):.2e}, grad_W {_rel(ws.grad, ref_gw):.2e}"
     )
+
+
+@pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("pipelined,segments", [(False, 16), (True, 4), (True, 24), (True, 64)])
+def test_single_pass_kernel_matches_multi_pass(kind, dtype, pipelined, segments):
+    # The single-launch paths (TP = 1; pipelined or not) synchronise the programs of a row
+    # through counters in global memory, which the CPU interpreter cannot run with more than one program per row:
+    # check it here on odd shapes (V no multiple of the slice, 1 row, more programs than
+    # work) against the multi-pass kernels. Both compute in fp32 from the same logits and
+    # differ only in the order of the row sums: 1e-5 (fp32 dz), bf16 dz within one rounding.
+    from megatron_distill.losses.kernels import distill_elementwise as ew
+
+    g = torch.Generator(device="cuda").manual_seed(3)
+    for rows, v in ((1, 301), (7, 5003), (300, 40000), (1024, 151936)):
+        zs0 = (torch.randn(rows, v, generator=g, device="cuda") * 3).to(dtype)
+        zt = (torch.randn(rows, v, generator=g, device="cuda") * 3).to(dtype)
+        a, b = zs0.clone(), zs0.clone()
+        split = ew.single_pass_split(v, a.device, segments, kind=kind)
+        loss_a = torch.full((split, rows), float("nan"), device="cuda")
+        for _ in range(2):  # the second launch runs with the measured occupancy
+            a.copy_(zs0)
+            ew.single_pass_loss_grad_(
+                a, zt, loss_a, kind=kind, beta=0.3, temperature=1.3, grad_scale=0.01, pipelined=pipelined
+            )
+        stats = ew.row_stats(b, zt, 1.3, kind == "reverse_kl")
+        loss_b = torch.empty((stats.shape[1], rows), device="cuda")
+        if kind == "jsd":
+            kl = ew.jsd_row_sums(b, zt, stats, loss_b, beta=0.3, temperature=1.3)
+            ew.jsd_grad_(b, zt, stats, kl, beta=0.3, temperature=1.3, grad_scale=0.01)
+        else:
+            ew.kl_loss_grad_(b, zt, stats, loss_b, reverse=kind == "reverse_kl", temperature=1.3, grad_scale=0.01)
+        torch.cuda.synchronize()
+        la, lb = loss_a.sum(0), loss_b.sum(0)
+        assert torch.isfinite(la).all() and torch.isfinite(a.float()).all()
+        torch.testing.assert_close(la, lb, rtol=1e-5, atol=1e-6)
+        tol = 1e-5 if dtype == torch.float32 else 8e-3
+        assert _rel(a, b.float()) <= tol, (rows, v, split)

@@ -26,6 +26,14 @@ the next pass combines in its prologue:
   (as the tensor-parallel all-reduce needs them);
 * row sums (loss terms, KL(p_S || M)) ``[S, rows]``: plain sums.
 
+With one process (no TP) ``single_pass_loss_grad_`` does all of it in one persistent launch:
+the programs sharing a row (one vocab segment each) publish partial statistics, meet on a
+per-row counter in global memory (release / acquire atomics), then re-read their segment,
+mostly from L2, to write the loss terms and dz; JSD meets twice. The grid must be resident as
+a whole (a program waits for its peers), so it is sized from the compiled kernel's registers
+and shared memory, and the interpreter (one program at a time) runs it with one segment per
+row. ``_pipelined_kernel`` is a variant that reads the next row while finishing this one.
+
 Each entry point has a plain PyTorch twin (``impl="torch"``, one partial, S = 1) computing the
 same quantities, used where Triton cannot run and as the kernels' reference in the tests.
 """
@@ -51,7 +59,35 @@ N_STATS = 5
 # a slice of 4096 bf16 elements is two 16-byte loads per tensor per thread with 8 warps;
 # num_stages > 1 lets Triton prefetch the next slices (cp.async) while this one is computed;
 # the grid gets about programs_per_sm programs per multiprocessor.
-KERNEL_CONFIG = dict(block_v=4096, num_warps=8, num_stages=3, programs_per_sm=16)
+KERNEL_CONFIG = dict(
+    block_v=4096,
+    num_warps=8,
+    num_stages=3,
+    programs_per_sm=16,
+    # single-launch path (TP = 1, single_pass_loss_grad_): a persistent grid of at most
+    # sp_programs_per_sm resident programs per multiprocessor, about sp_segments per row.
+    # None = the per-kind default of SP_DEFAULTS; a value overrides it for every kind.
+    # Off by default: its programs wait on each other through a global-memory counter, which is
+    # only safe while the whole grid is resident; kernels of other streams (e.g. NCCL during
+    # overlapped communication) can hold SMs. The measured gain (1.5-3% of the fused step,
+    # NOTES_loss_kernel.md) does not yet justify that risk in training. Opt in with
+    # MEGATRON_DISTILL_SINGLE_PASS=1 or KERNEL_CONFIG["single_pass"] = True.
+    single_pass=os.environ.get("MEGATRON_DISTILL_SINGLE_PASS", "0") == "1",
+    sp_pipelined=None,
+    sp_block_v=None,
+    sp_num_warps=None,
+    sp_num_stages=None,
+    sp_programs_per_sm=None,
+    sp_segments=None,
+)
+# Measured on an H100 (benchmarks/NOTES_loss_kernel.md, iterations 4-5; 1024 x 151936 bf16
+# chunk, 10 back-to-back launches): KL 0.434 ms with these settings (multi-pass 0.539), JSD
+# 0.652 ms (multi-pass 0.801); the pipelined kernel was slower for both (0.485 / 0.724 at best:
+# its second read of a segment misses L2 about twice as often).
+SP_DEFAULTS = {
+    "kl": dict(pipelined=False, block_v=2048, num_warps=4, num_stages=3, programs_per_sm=4, segments=16),
+    "jsd": dict(pipelined=False, block_v=1024, num_warps=4, num_stages=3, programs_per_sm=8, segments=16),
+}
 _INTERPRET_BLOCK_V = 1024  # the interpreter runs one numpy op per statement: wide is faster
 _GROUP = 8  # running maxima per 8 consecutive elements: one 16-byte bf16 vector per thread
 
@@ -152,38 +188,38 @@ if triton is not None:
         tl.store(stats_ptr + 4 * plane + part, a)
 
     @triton.jit
-    def _combined_stats(stats_ptr, row, n_rows, n_parts, scale2, PARTS: tl.constexpr):
+    def _load_parts(p, valid, other, L2_ONLY: tl.constexpr):
+        # L2_ONLY: values another program of this launch just wrote; L1 is not coherent
+        if L2_ONLY:
+            return tl.load(p, mask=valid, other=other, cache_modifier=".cg")
+        else:
+            return tl.load(p, mask=valid, other=other)
+
+    @triton.jit
+    def _combined_stats(stats_ptr, row, n_rows, n_parts, scale2, PARTS: tl.constexpr, L2_ONLY: tl.constexpr = False):
         # Fold the segments' partial statistics of one row: max, then rescaled sums.
         # Returns m_s, m_t and log2 of the row's sum-exps, and a / l_s (reverse KL term).
         idx = tl.arange(0, PARTS)
         valid = idx < n_parts
         plane = n_parts * n_rows
         p = stats_ptr + idx * n_rows + row
-        ms = tl.load(p, mask=valid, other=float("-inf"))
-        mt = tl.load(p + plane, mask=valid, other=float("-inf"))
+        ms = _load_parts(p, valid, float("-inf"), L2_ONLY)
+        mt = _load_parts(p + plane, valid, float("-inf"), L2_ONLY)
         m_s = tl.max(ms, axis=0)
         m_t = tl.max(mt, axis=0)
         ws = tl.where(valid, tl.exp2((ms - m_s) * scale2), 0.0)
         wt = tl.where(valid, tl.exp2((mt - m_t) * scale2), 0.0)
-        l_s = tl.sum(ws * tl.load(p + 2 * plane, mask=valid, other=0.0), axis=0)
-        l_t = tl.sum(wt * tl.load(p + 3 * plane, mask=valid, other=0.0), axis=0)
-        a = tl.sum(ws * tl.load(p + 4 * plane, mask=valid, other=0.0), axis=0)
+        l_s = tl.sum(ws * _load_parts(p + 2 * plane, valid, 0.0, L2_ONLY), axis=0)
+        l_t = tl.sum(wt * _load_parts(p + 3 * plane, valid, 0.0, L2_ONLY), axis=0)
+        a = tl.sum(ws * _load_parts(p + 4 * plane, valid, 0.0, L2_ONLY), axis=0)
         return m_s, m_t, tl.log2(l_s), tl.log2(l_t), a / l_s
 
     @triton.jit
-    def _kl_loss_grad_kernel(
-        zs_ptr, zt_ptr, stride_s, stride_t, stats_ptr, n_parts, loss_ptr, loss_stride,
-        n_rows, n_cols, seg_len, scale2, grad_scale,
-        REVERSE: tl.constexpr, PARTS: tl.constexpr, BLOCK_V: tl.constexpr, STAGES: tl.constexpr,
+    def _kl_segment(
+        zs_row, zt_row, col0, col1, m_s, m_t, lg_s, lg_t, rkl, scale2, grad_scale,
+        REVERSE: tl.constexpr, BLOCK_V: tl.constexpr, STAGES: tl.constexpr,
     ):
-        row = tl.program_id(0)
-        col0, col1 = _segment(n_cols, seg_len)
-        zs_row = zs_ptr + row.to(tl.int64) * stride_s
-        zt_row = zt_ptr + row.to(tl.int64) * stride_t
-        m_s, m_t, lg_s, lg_t, a_over_l = _combined_stats(stats_ptr, row, n_rows, n_parts, scale2, PARTS)
-        # Reverse KL of the whole row (all shards): E_pS[s - t] - (lse_s - lse_t), natural log.
-        # dz needs it before the row is revisited, and it is the only row-global term dz needs.
-        rkl = (a_over_l - ((m_s - m_t) * scale2 + lg_s - lg_t)) * _LN2
+        # Loss terms of one segment (returned, natural log) and dz written over the student row.
         offs = tl.arange(0, BLOCK_V)
         acc = tl.zeros([BLOCK_V], dtype=tl.float32)
         for start in tl.range(col0, col1, BLOCK_V, num_stages=STAGES):
@@ -199,21 +235,35 @@ if triton is not None:
                 pt = tl.exp2(lt)
                 dz = ps - pt
                 term = pt * (lt - ls)
-            tl.store(zs_row + cols, (dz * grad_scale).to(zs_ptr.dtype.element_ty), mask=mask)
+            tl.store(zs_row + cols, (dz * grad_scale).to(zs_row.dtype.element_ty), mask=mask)
             acc += tl.where(mask, term, 0.0)
-        tl.store(loss_ptr + tl.program_id(1) * loss_stride + row, tl.sum(acc, axis=0) * _LN2)
+        return tl.sum(acc, axis=0) * _LN2
 
     @triton.jit
-    def _jsd_row_sums_kernel(
-        zs_ptr, zt_ptr, stride_s, stride_t, stats_ptr, n_parts, kl_ptr, loss_ptr, loss_stride,
-        n_rows, n_cols, seg_len, scale2, beta,
-        PARTS: tl.constexpr, BLOCK_V: tl.constexpr, FAST_LOG: tl.constexpr, STAGES: tl.constexpr,
+    def _kl_loss_grad_kernel(
+        zs_ptr, zt_ptr, stride_s, stride_t, stats_ptr, n_parts, loss_ptr, loss_stride,
+        n_rows, n_cols, seg_len, scale2, grad_scale,
+        REVERSE: tl.constexpr, PARTS: tl.constexpr, BLOCK_V: tl.constexpr, STAGES: tl.constexpr,
     ):
         row = tl.program_id(0)
         col0, col1 = _segment(n_cols, seg_len)
         zs_row = zs_ptr + row.to(tl.int64) * stride_s
         zt_row = zt_ptr + row.to(tl.int64) * stride_t
-        m_s, m_t, lg_s, lg_t, _ = _combined_stats(stats_ptr, row, n_rows, n_parts, scale2, PARTS)
+        m_s, m_t, lg_s, lg_t, a_over_l = _combined_stats(stats_ptr, row, n_rows, n_parts, scale2, PARTS)
+        # Reverse KL of the whole row (all shards): E_pS[s - t] - (lse_s - lse_t), natural log.
+        # dz needs it before the row is revisited, and it is the only row-global term dz needs.
+        rkl = (a_over_l - ((m_s - m_t) * scale2 + lg_s - lg_t)) * _LN2
+        loss = _kl_segment(
+            zs_row, zt_row, col0, col1, m_s, m_t, lg_s, lg_t, rkl, scale2, grad_scale, REVERSE, BLOCK_V, STAGES
+        )
+        tl.store(loss_ptr + tl.program_id(1) * loss_stride + row, loss)
+
+    @triton.jit
+    def _jsd_sums_segment(
+        zs_row, zt_row, col0, col1, m_s, m_t, lg_s, lg_t, scale2, beta,
+        BLOCK_V: tl.constexpr, FAST_LOG: tl.constexpr, STAGES: tl.constexpr,
+    ):
+        # KL(p_S || M) and KL(p_T || M) over one segment (natural log).
         offs = tl.arange(0, BLOCK_V)
         acc_s = tl.zeros([BLOCK_V], dtype=tl.float32)
         acc_t = tl.zeros([BLOCK_V], dtype=tl.float32)
@@ -231,8 +281,40 @@ if triton is not None:
             lm = _log2(tl.where(valid, mix, 1.0), FAST_LOG)
             acc_s += tl.where(valid, ps * (ls - lm), 0.0)
             acc_t += tl.where(valid, pt * (lt - lm), 0.0)
-        kl_s = tl.sum(acc_s, axis=0) * _LN2
-        kl_t = tl.sum(acc_t, axis=0) * _LN2
+        return tl.sum(acc_s, axis=0) * _LN2, tl.sum(acc_t, axis=0) * _LN2
+
+    @triton.jit
+    def _jsd_grad_segment(
+        zs_row, zt_row, col0, col1, m_s, m_t, lg_s, lg_t, kl_s, scale2, beta, scale,
+        BLOCK_V: tl.constexpr, FAST_LOG: tl.constexpr, STAGES: tl.constexpr,
+    ):
+        offs = tl.arange(0, BLOCK_V)
+        for start in tl.range(col0, col1, BLOCK_V, num_stages=STAGES):
+            cols = start + offs
+            mask = cols < col1
+            ls = (tl.load(zs_row + cols, mask=mask, other=0.0).to(tl.float32) - m_s) * scale2 - lg_s
+            lt = (tl.load(zt_row + cols, mask=mask, other=0.0).to(tl.float32) - m_t) * scale2 - lg_t
+            ps = tl.exp2(ls)
+            mix = beta * tl.exp2(lt) + (1.0 - beta) * ps
+            valid = mix > 0.0
+            lm = _log2(tl.where(valid, mix, 1.0), FAST_LOG)
+            dz = tl.where(valid, ps * ((ls - lm) * _LN2 - kl_s), 0.0)
+            tl.store(zs_row + cols, (dz * scale).to(zs_row.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _jsd_row_sums_kernel(
+        zs_ptr, zt_ptr, stride_s, stride_t, stats_ptr, n_parts, kl_ptr, loss_ptr, loss_stride,
+        n_rows, n_cols, seg_len, scale2, beta,
+        PARTS: tl.constexpr, BLOCK_V: tl.constexpr, FAST_LOG: tl.constexpr, STAGES: tl.constexpr,
+    ):
+        row = tl.program_id(0)
+        col0, col1 = _segment(n_cols, seg_len)
+        zs_row = zs_ptr + row.to(tl.int64) * stride_s
+        zt_row = zt_ptr + row.to(tl.int64) * stride_t
+        m_s, m_t, lg_s, lg_t, _ = _combined_stats(stats_ptr, row, n_rows, n_parts, scale2, PARTS)
+        kl_s, kl_t = _jsd_sums_segment(
+            zs_row, zt_row, col0, col1, m_s, m_t, lg_s, lg_t, scale2, beta, BLOCK_V, FAST_LOG, STAGES
+        )
         tl.store(kl_ptr + tl.program_id(1) * n_rows + row, kl_s)
         tl.store(loss_ptr + tl.program_id(1) * loss_stride + row, beta * kl_t + (1.0 - beta) * kl_s)
 
@@ -250,19 +332,272 @@ if triton is not None:
         m_s, m_t, lg_s, lg_t, _ = _combined_stats(stats_ptr, row, n_rows, n_parts, scale2, PARTS)
         kidx = tl.arange(0, KL_PARTS)
         kl_s = tl.sum(tl.load(kl_ptr + kidx * n_rows + row, mask=kidx < n_kl_parts, other=0.0), axis=0)
-        scale = (1.0 - beta) * grad_scale
-        offs = tl.arange(0, BLOCK_V)
+        _jsd_grad_segment(
+            zs_row, zt_row, col0, col1, m_s, m_t, lg_s, lg_t, kl_s, scale2, beta, (1.0 - beta) * grad_scale,
+            BLOCK_V, FAST_LOG, STAGES,
+        )
+
+    # -----------------------------------------------------------------------------------------
+    # Single-launch path for one process (TP = 1): statistics, loss and dz of a chunk in one
+    # persistent kernel. S programs share a row (one vocab segment each), publish their partial
+    # statistics, wait for each other on a per-row counter, then re-read their segment (from L2:
+    # it was read microseconds before) to write dz. DRAM traffic: read z_S and z_T once, write
+    # dz once (3 units instead of 5 for KL, 7 for JSD).
+    # -----------------------------------------------------------------------------------------
+
+    @triton.jit
+    def _stats_step(zs, zt, mask, ms, mt, acc_s, acc_t, cross, scale2, WANT_CROSS: tl.constexpr):
+        # One [BLOCK_V / GROUP, GROUP] slice of both rows' grouped online statistics (masked
+        # lanes hold -inf).
+        ms_new = tl.maximum(ms, tl.max(zs, axis=1))
+        mt_new = tl.maximum(mt, tl.max(zt, axis=1))
+        ms_use = tl.where(ms_new == float("-inf"), 0.0, ms_new)  # groups not reached yet
+        mt_use = tl.where(mt_new == float("-inf"), 0.0, mt_new)
+        alpha_s = tl.exp2((ms - ms_use) * scale2)
+        es = tl.exp2((zs - ms_use[:, None]) * scale2)
+        acc_s = acc_s * alpha_s + tl.sum(es, axis=1)
+        acc_t = acc_t * tl.exp2((mt - mt_use) * scale2) + tl.sum(tl.exp2((zt - mt_use[:, None]) * scale2), axis=1)
+        if WANT_CROSS:
+            # masked lanes: es = 0 but z = -inf; keep the product finite
+            diff = tl.where(mask, zs, 0.0) - tl.where(mask, zt, 0.0)
+            cross = cross * alpha_s + tl.sum(es * diff, axis=1) * scale2
+        return ms_new, mt_new, acc_s, acc_t, cross
+
+    @triton.jit
+    def _stats_done(ms, mt, acc_s, acc_t, cross, scale2):
+        ms_row = tl.max(ms, axis=0)
+        mt_row = tl.max(mt, axis=0)
+        w_s = tl.exp2((ms - tl.where(ms_row == float("-inf"), 0.0, ms_row)) * scale2)
+        w_t = tl.exp2((mt - tl.where(mt_row == float("-inf"), 0.0, mt_row)) * scale2)
+        return (
+            ms_row, tl.sum(acc_s * w_s, axis=0), mt_row, tl.sum(acc_t * w_t, axis=0), tl.sum(cross * w_s, axis=0)
+        )
+
+    @triton.jit
+    def _pair_stats(
+        zs_row, zt_row, col0, col1, scale2,
+        WANT_CROSS: tl.constexpr, BLOCK_V: tl.constexpr, GROUP: tl.constexpr, STAGES: tl.constexpr,
+    ):
+        # _group_stats of both rows (and _cross_stats' a) in one loop: both loads in flight.
+        offs = tl.arange(0, BLOCK_V // GROUP)[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
+        ms = tl.full([BLOCK_V // GROUP], float("-inf"), dtype=tl.float32)
+        mt = tl.full([BLOCK_V // GROUP], float("-inf"), dtype=tl.float32)
+        acc_s = tl.zeros([BLOCK_V // GROUP], dtype=tl.float32)
+        acc_t = tl.zeros([BLOCK_V // GROUP], dtype=tl.float32)
+        cross = tl.zeros([BLOCK_V // GROUP], dtype=tl.float32)
         for start in tl.range(col0, col1, BLOCK_V, num_stages=STAGES):
             cols = start + offs
             mask = cols < col1
-            ls = (tl.load(zs_row + cols, mask=mask, other=0.0).to(tl.float32) - m_s) * scale2 - lg_s
-            lt = (tl.load(zt_row + cols, mask=mask, other=0.0).to(tl.float32) - m_t) * scale2 - lg_t
+            zs = tl.load(zs_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
+            zt = tl.load(zt_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
+            ms, mt, acc_s, acc_t, cross = _stats_step(zs, zt, mask, ms, mt, acc_s, acc_t, cross, scale2, WANT_CROSS)
+        return _stats_done(ms, mt, acc_s, acc_t, cross, scale2)
+
+    @triton.jit
+    def _publish(part, plane, m_s, m_t, l_s, l_t, a):
+        tl.store(part, m_s)
+        tl.store(part + plane, m_t)
+        tl.store(part + 2 * plane, l_s)
+        tl.store(part + 3 * plane, l_t)
+        tl.store(part + 4 * plane, a)
+
+    @triton.jit
+    def _arrive(counter):
+        # every thread's stores of this program happen before the release
+        tl.debug_barrier()
+        tl.atomic_add(counter, 1, sem="release", scope="gpu")
+
+    @triton.jit
+    def _wait(counter, n_parts):
+        # acquire: the peers' stores are visible after this (read them with L2-only loads)
+        seen = tl.atomic_add(counter, 0, sem="acquire", scope="gpu")
+        while seen < n_parts:
+            seen = tl.atomic_add(counter, 0, sem="acquire", scope="gpu")
+        tl.debug_barrier()
+
+    @triton.jit
+    def _kl_next_stats(
+        zs_cur, zt_cur, zs_nxt, zt_nxt, col1_n, col0, col1, m_s, m_t, lg_s, lg_t, rkl, scale2, grad_scale,
+        REVERSE: tl.constexpr, BLOCK_V: tl.constexpr, GROUP: tl.constexpr, STAGES: tl.constexpr,
+    ):
+        # One loop over the segment: dz and loss terms of the current row (re-read, from L2)
+        # and the statistics of the next row (first read, from DRAM), so that DRAM loads stay
+        # in flight while the current row is finished.
+        offs = tl.arange(0, BLOCK_V // GROUP)[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
+        ms = tl.full([BLOCK_V // GROUP], float("-inf"), dtype=tl.float32)
+        mt = tl.full([BLOCK_V // GROUP], float("-inf"), dtype=tl.float32)
+        acc_s = tl.zeros([BLOCK_V // GROUP], dtype=tl.float32)
+        acc_t = tl.zeros([BLOCK_V // GROUP], dtype=tl.float32)
+        cross = tl.zeros([BLOCK_V // GROUP], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_V // GROUP, GROUP], dtype=tl.float32)
+        for start in tl.range(col0, col1, BLOCK_V, num_stages=STAGES):
+            cols = start + offs
+            mask = cols < col1
+            mask_n = cols < col1_n
+            ls = (tl.load(zs_cur + cols, mask=mask, other=0.0).to(tl.float32) - m_s) * scale2 - lg_s
+            lt = (tl.load(zt_cur + cols, mask=mask, other=0.0).to(tl.float32) - m_t) * scale2 - lg_t
+            zs = tl.load(zs_nxt + cols, mask=mask_n, other=float("-inf")).to(tl.float32)
+            zt = tl.load(zt_nxt + cols, mask=mask_n, other=float("-inf")).to(tl.float32)
             ps = tl.exp2(ls)
-            mix = beta * tl.exp2(lt) + (1.0 - beta) * ps
-            valid = mix > 0.0
+            if REVERSE:
+                dz = ps * ((ls - lt) * _LN2 - rkl)
+                term = ps * (ls - lt)
+            else:
+                pt = tl.exp2(lt)
+                dz = ps - pt
+                term = pt * (lt - ls)
+            tl.store(zs_cur + cols, (dz * grad_scale).to(zs_cur.dtype.element_ty), mask=mask)
+            acc += tl.where(mask, term, 0.0)
+            ms, mt, acc_s, acc_t, cross = _stats_step(zs, zt, mask_n, ms, mt, acc_s, acc_t, cross, scale2, REVERSE)
+        n_ms, n_ls, n_mt, n_lt, n_a = _stats_done(ms, mt, acc_s, acc_t, cross, scale2)
+        return tl.sum(tl.sum(acc, axis=1), axis=0) * _LN2, n_ms, n_ls, n_mt, n_lt, n_a
+
+    @triton.jit
+    def _jsd_next_stats(
+        zs_cur, zt_cur, zs_nxt, zt_nxt, col1_n, col0, col1, m_s, m_t, lg_s, lg_t, scale2, beta,
+        BLOCK_V: tl.constexpr, GROUP: tl.constexpr, FAST_LOG: tl.constexpr, STAGES: tl.constexpr,
+    ):
+        # _jsd_sums_segment of the current row (L2) and the next row's statistics (DRAM).
+        offs = tl.arange(0, BLOCK_V // GROUP)[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
+        ms = tl.full([BLOCK_V // GROUP], float("-inf"), dtype=tl.float32)
+        mt = tl.full([BLOCK_V // GROUP], float("-inf"), dtype=tl.float32)
+        acc_s = tl.zeros([BLOCK_V // GROUP], dtype=tl.float32)
+        acc_t = tl.zeros([BLOCK_V // GROUP], dtype=tl.float32)
+        cross = tl.zeros([BLOCK_V // GROUP], dtype=tl.float32)
+        kl_s = tl.zeros([BLOCK_V // GROUP, GROUP], dtype=tl.float32)
+        kl_t = tl.zeros([BLOCK_V // GROUP, GROUP], dtype=tl.float32)
+        for start in tl.range(col0, col1, BLOCK_V, num_stages=STAGES):
+            cols = start + offs
+            mask = cols < col1
+            mask_n = cols < col1_n
+            ls = (tl.load(zs_cur + cols, mask=mask, other=0.0).to(tl.float32) - m_s) * scale2 - lg_s
+            lt = (tl.load(zt_cur + cols, mask=mask, other=0.0).to(tl.float32) - m_t) * scale2 - lg_t
+            zs = tl.load(zs_nxt + cols, mask=mask_n, other=float("-inf")).to(tl.float32)
+            zt = tl.load(zt_nxt + cols, mask=mask_n, other=float("-inf")).to(tl.float32)
+            ps = tl.exp2(ls)
+            pt = tl.exp2(lt)
+            mix = beta * pt + (1.0 - beta) * ps
+            valid = mask & (mix > 0.0)
             lm = _log2(tl.where(valid, mix, 1.0), FAST_LOG)
-            dz = tl.where(valid, ps * ((ls - lm) * _LN2 - kl_s), 0.0)
-            tl.store(zs_row + cols, (dz * scale).to(zs_ptr.dtype.element_ty), mask=mask)
+            kl_s += tl.where(valid, ps * (ls - lm), 0.0)
+            kl_t += tl.where(valid, pt * (lt - lm), 0.0)
+            ms, mt, acc_s, acc_t, cross = _stats_step(zs, zt, mask_n, ms, mt, acc_s, acc_t, cross, scale2, False)
+        n_ms, n_ls, n_mt, n_lt, n_a = _stats_done(ms, mt, acc_s, acc_t, cross, scale2)
+        kl_s_sum = tl.sum(tl.sum(kl_s, axis=1), axis=0) * _LN2
+        kl_t_sum = tl.sum(tl.sum(kl_t, axis=1), axis=0) * _LN2
+        return kl_s_sum, kl_t_sum, n_ms, n_ls, n_mt, n_lt, n_a
+
+    @triton.jit
+    def _pipelined_kernel(
+        zs_ptr, zt_ptr, stride_s, stride_t, part_ptr, cnt_ptr, loss_ptr, loss_stride,
+        n_rows, n_cols, seg_len, n_parts, scale2, beta, grad_scale,
+        KIND: tl.constexpr, PARTS: tl.constexpr, BLOCK_V: tl.constexpr, GROUP: tl.constexpr,
+        STAGES: tl.constexpr, FAST_LOG: tl.constexpr,
+    ):
+        # _single_pass_kernel software-pipelined over rows: while a program finishes row r
+        # (whose statistics its peers published one loop earlier, so the wait is short) it
+        # reads row r + step for the first time and publishes that row's partial statistics.
+        pid = tl.program_id(0)
+        seg = pid % n_parts
+        step = tl.num_programs(0) // n_parts
+        col0 = seg * seg_len
+        col1 = tl.minimum(col0 + seg_len, n_cols)
+        plane = n_parts * n_rows
+        first = pid // n_parts
+        zs_row = zs_ptr + tl.cast(first, tl.int64) * stride_s
+        zt_row = zt_ptr + tl.cast(first, tl.int64) * stride_t
+        m_s, l_s, m_t, l_t, a = _pair_stats(zs_row, zt_row, col0, col1, scale2, KIND == 1, BLOCK_V, GROUP, STAGES)
+        _publish(part_ptr + seg * n_rows + first, plane, m_s, m_t, l_s, l_t, a)
+        _arrive(cnt_ptr + first)
+        for row in range(first, n_rows, step):
+            nxt = row + step
+            has_next = nxt < n_rows
+            col1_n = tl.where(has_next, col1, col0)  # no next row: nothing to read
+            zs_row = zs_ptr + tl.cast(row, tl.int64) * stride_s
+            zt_row = zt_ptr + tl.cast(row, tl.int64) * stride_t
+            # the next row's pointers (masked off past the last row)
+            zs_nxt = zs_ptr + tl.cast(tl.minimum(nxt, n_rows - 1), tl.int64) * stride_s
+            zt_nxt = zt_ptr + tl.cast(tl.minimum(nxt, n_rows - 1), tl.int64) * stride_t
+            _wait(cnt_ptr + row, n_parts)
+            m_s, m_t, lg_s, lg_t, a_over_l = _combined_stats(part_ptr, row, n_rows, n_parts, scale2, PARTS, True)
+            if KIND < 2:
+                rkl = (a_over_l - ((m_s - m_t) * scale2 + lg_s - lg_t)) * _LN2
+                loss, n_ms, n_ls, n_mt, n_lt, n_a = _kl_next_stats(
+                    zs_row, zt_row, zs_nxt, zt_nxt, col1_n, col0, col1, m_s, m_t, lg_s, lg_t, rkl, scale2,
+                    grad_scale, KIND == 1, BLOCK_V, GROUP, STAGES,
+                )
+                tl.store(loss_ptr + seg * loss_stride + row, loss)
+            else:
+                kl_s, kl_t, n_ms, n_ls, n_mt, n_lt, n_a = _jsd_next_stats(
+                    zs_row, zt_row, zs_nxt, zt_nxt, col1_n, col0, col1, m_s, m_t, lg_s, lg_t, scale2, beta,
+                    BLOCK_V, GROUP, FAST_LOG, STAGES,
+                )
+                tl.store(loss_ptr + seg * loss_stride + row, beta * kl_t + (1.0 - beta) * kl_s)
+                tl.store(part_ptr + 5 * plane + seg * n_rows + row, kl_s)
+                _arrive(cnt_ptr + n_rows + row)
+            if has_next:
+                _publish(part_ptr + seg * n_rows + nxt, plane, n_ms, n_mt, n_ls, n_lt, n_a)
+                _arrive(cnt_ptr + nxt)
+            if KIND == 2:
+                _wait(cnt_ptr + n_rows + row, n_parts)
+                kidx = tl.arange(0, PARTS)
+                kl_row = tl.sum(
+                    _load_parts(part_ptr + 5 * plane + kidx * n_rows + row, kidx < n_parts, 0.0, True), axis=0
+                )
+                _jsd_grad_segment(
+                    zs_row, zt_row, col0, col1, m_s, m_t, lg_s, lg_t, kl_row, scale2, beta,
+                    (1.0 - beta) * grad_scale, BLOCK_V, FAST_LOG, STAGES,
+                )
+
+    @triton.jit
+    def _single_pass_kernel(
+        zs_ptr, zt_ptr, stride_s, stride_t, part_ptr, cnt_ptr, loss_ptr, loss_stride,
+        n_rows, n_cols, seg_len, n_parts, scale2, beta, grad_scale,
+        KIND: tl.constexpr, PARTS: tl.constexpr, BLOCK_V: tl.constexpr, GROUP: tl.constexpr,
+        STAGES: tl.constexpr, FAST_LOG: tl.constexpr,
+    ):
+        # KIND: 0 forward KL, 1 reverse KL, 2 JSD (0 < beta < 1). Grid: a multiple of n_parts
+        # programs, all resident; program p always works on segment p % n_parts, and the
+        # n_parts programs of a row are a fixed group, so a group never waits on a program
+        # that cannot run. part: [6, n_parts, n_rows] (5 statistics + JSD's KL(p_S || M)).
+        pid = tl.program_id(0)
+        seg = pid % n_parts
+        rows_per_step = tl.num_programs(0) // n_parts
+        col0 = seg * seg_len
+        col1 = tl.minimum(col0 + seg_len, n_cols)
+        plane = n_parts * n_rows
+        for row in range(pid // n_parts, n_rows, rows_per_step):
+            zs_row = zs_ptr + tl.cast(row, tl.int64) * stride_s
+            zt_row = zt_ptr + tl.cast(row, tl.int64) * stride_t
+            part = part_ptr + seg * n_rows + row
+            m_s, l_s, m_t, l_t, a = _pair_stats(zs_row, zt_row, col0, col1, scale2, KIND == 1, BLOCK_V, GROUP, STAGES)
+            _publish(part, plane, m_s, m_t, l_s, l_t, a)
+            _arrive(cnt_ptr + row)
+            _wait(cnt_ptr + row, n_parts)
+            m_s, m_t, lg_s, lg_t, a_over_l = _combined_stats(part_ptr, row, n_rows, n_parts, scale2, PARTS, True)
+            if KIND < 2:
+                rkl = (a_over_l - ((m_s - m_t) * scale2 + lg_s - lg_t)) * _LN2
+                loss = _kl_segment(
+                    zs_row, zt_row, col0, col1, m_s, m_t, lg_s, lg_t, rkl, scale2, grad_scale, KIND == 1,
+                    BLOCK_V, STAGES,
+                )
+                tl.store(loss_ptr + seg * loss_stride + row, loss)
+            else:
+                kl_s, kl_t = _jsd_sums_segment(
+                    zs_row, zt_row, col0, col1, m_s, m_t, lg_s, lg_t, scale2, beta, BLOCK_V, FAST_LOG, STAGES
+                )
+                tl.store(loss_ptr + seg * loss_stride + row, beta * kl_t + (1.0 - beta) * kl_s)
+                tl.store(part + 5 * plane, kl_s)
+                _arrive(cnt_ptr + n_rows + row)
+                _wait(cnt_ptr + n_rows + row, n_parts)
+                kidx = tl.arange(0, PARTS)
+                kl_row = tl.sum(
+                    _load_parts(part_ptr + 5 * plane + kidx * n_rows + row, kidx < n_parts, 0.0, True), axis=0
+                )
+                _jsd_grad_segment(
+                    zs_row, zt_row, col0, col1, m_s, m_t, lg_s, lg_t, kl_row, scale2, beta,
+                    (1.0 - beta) * grad_scale, BLOCK_V, FAST_LOG, STAGES,
+                )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -299,6 +634,57 @@ def _launch(zs: torch.Tensor, split: int, block_v, num_warps, num_stages) -> dic
         STAGES=num_stages or KERNEL_CONFIG["num_stages"],
         num_warps=num_warps or KERNEL_CONFIG["num_warps"],
     )
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _sp_setting(name: str, kind: str):
+    """A single-pass launch setting: KERNEL_CONFIG["sp_<name>"] if set, else the kind's default."""
+    value = KERNEL_CONFIG.get(f"sp_{name}")
+    return SP_DEFAULTS["jsd" if kind == "jsd" else "kl"][name] if value is None else value
+
+
+def _sp_block_v(n_cols: int, device: torch.device, kind: str = "forward_kl") -> int:
+    block = _sp_setting("block_v", kind) if device.type == "cuda" else _INTERPRET_BLOCK_V
+    return min(block, triton.next_power_of_2(max(n_cols, 2 * _GROUP)))
+
+
+def single_pass_split(
+    n_cols: int,
+    device: torch.device,
+    segments: int | None = None,
+    block_v: int | None = None,
+    kind: str = "forward_kl",
+) -> int:
+    """Programs per row (vocab segments) of ``single_pass_loss_grad_`` on ``device`` for
+    ``kind``: about ``segments`` (default: the kind's setting) on CUDA, none empty; 1 under the
+    interpreter, which runs programs one after the other (peers of a row would wait for ever)."""
+    if triton is None or device.type != "cuda" or _interpreting():
+        return 1
+    n_slices = triton.cdiv(n_cols, block_v or _sp_block_v(n_cols, device, kind))
+    per_segment = triton.cdiv(n_slices, segments or _sp_setting("segments", kind))
+    return triton.cdiv(n_slices, per_segment)
+
+
+_RESIDENT: dict = {}  # launch constants -> programs per multiprocessor that fit (measured)
+
+
+def _programs_per_sm(kernel, num_warps: int, device: torch.device) -> int | None:
+    """How many programs of a compiled kernel fit on one multiprocessor at once."""
+    try:
+        n_regs = int(kernel.n_regs)
+        shared = int(kernel.metadata.shared)
+    except Exception:  # pragma: no cover - metadata layout differs between Triton versions
+        return None
+    props = torch.cuda.get_device_properties(device)
+    smem = getattr(props, "shared_memory_per_multiprocessor", 228 * 1024)
+    regs_per_warp = -(-max(n_regs, 1) * 32 // 256) * 256
+    fit = min(65536 // (regs_per_warp * num_warps), 64 // num_warps, 32)
+    if shared > 0:
+        fit = min(fit, smem // (shared + 1024))
+    return max(fit, 1)
 
 
 def _check_pair(zs: torch.Tensor, zt: torch.Tensor) -> None:
@@ -545,16 +931,97 @@ def jsd_grad_(
     )
 
 
+_KINDS = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2}
+
+
+def single_pass_loss_grad_(
+    zs: torch.Tensor,
+    zt: torch.Tensor,
+    loss_out: torch.Tensor,
+    *,
+    kind: str,
+    beta: float,
+    temperature: float,
+    grad_scale: float,
+    impl: str = "triton",
+    block_v: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+    programs_per_sm: int | None = None,
+    pipelined: bool | None = None,
+) -> None:
+    """Whole-vocabulary rows only (one process, no TP): loss partials and dz in one launch.
+
+    Equivalent to ``row_stats`` + ``kl_loss_grad_`` (``kind`` "forward_kl" / "reverse_kl") or
+    ``row_stats`` + ``jsd_row_sums`` + ``jsd_grad_`` ("jsd", 0 < beta < 1) on rows that hold the
+    whole vocabulary. ``loss_out``: fp32 ``[P, rows]`` (rows contiguous), P = vocab segments
+    per row (``single_pass_split``; 1 for the torch twin and the interpreter), receives each
+    row's divergence as P partials. On return ``zs`` holds ``grad_scale / tau * d loss / d s``.
+    Launch settings left None come from KERNEL_CONFIG["sp_*"] or else ``SP_DEFAULTS``;
+    ``pipelined`` picks ``_pipelined_kernel`` over ``_single_pass_kernel``.
+    """
+    _check_pair(zs, zt)
+    if kind not in _KINDS:
+        raise ValueError(f"kind must be one of {tuple(_KINDS)}, got {kind!r}")
+    if impl == "torch":
+        stats = row_stats(zs, zt, temperature, kind == "reverse_kl", "torch")
+        common = dict(temperature=temperature, impl="torch")
+        if kind == "jsd":
+            kl_s = jsd_row_sums(zs, zt, stats, loss_out, beta=beta, **common)
+            jsd_grad_(zs, zt, stats, kl_s, beta=beta, grad_scale=grad_scale, **common)
+        else:
+            kl_loss_grad_(zs, zt, stats, loss_out, reverse=kind == "reverse_kl", grad_scale=grad_scale, **common)
+        return
+    rows, n_cols = zs.shape
+    if rows == 0:
+        return
+    n_parts = loss_out.shape[0]
+    device = zs.device
+    if n_parts > 1 and (device.type != "cuda" or _interpreting()):
+        raise ValueError("the interpreter runs one program at a time: loss_out must have 1 partial row")
+    block_v = block_v or _sp_block_v(n_cols, device, kind)
+    num_warps = num_warps or _sp_setting("num_warps", kind)
+    num_stages = num_stages or _sp_setting("num_stages", kind)
+    seg_len = triton.cdiv(triton.cdiv(n_cols, block_v), n_parts) * block_v
+    fast_log = _fast_log(zs)
+    pipelined = _sp_setting("pipelined", kind) if pipelined is None else pipelined
+    kernel = _pipelined_kernel if pipelined else _single_pass_kernel
+    key = (str(device), zs.dtype, zt.dtype, kind, block_v, num_warps, num_stages, fast_log, pipelined)
+    if device.type == "cuda":
+        # all programs must be resident (peers wait for each other): until the compiled
+        # kernel's registers / shared memory are known, one program per multiprocessor
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        per_sm = min(programs_per_sm or _sp_setting("programs_per_sm", kind), _RESIDENT.get(key, 1))
+        n_prog = per_sm * sms
+    else:
+        n_prog = 4  # a few rows per program, so the interpreted tests cover the loop
+    n_prog = max(min(n_prog, rows * n_parts) // n_parts, 1) * n_parts
+    part = torch.empty((6, n_parts, rows), dtype=torch.float32, device=device)
+    counters = torch.zeros((2, rows), dtype=torch.int32, device=device)
+    scale2 = LOG2E / temperature
+    compiled = kernel[(n_prog,)](
+        zs, zt, zs.stride(0), zt.stride(0), part, counters, loss_out, loss_out.stride(0),
+        rows, n_cols, seg_len, n_parts, scale2, float(beta), grad_scale / temperature,
+        KIND=_KINDS[kind], PARTS=_pow2(n_parts), BLOCK_V=block_v, GROUP=_GROUP, STAGES=num_stages,
+        FAST_LOG=fast_log, num_warps=num_warps,
+    )
+    if device.type == "cuda" and key not in _RESIDENT:
+        _RESIDENT[key] = _programs_per_sm(compiled, num_warps, device) or 1
+
+
 __all__ = [
     "LN2",
     "LOG2E",
     "KERNEL_CONFIG",
     "N_STATS",
+    "SP_DEFAULTS",
     "combine_stats",
     "default_split",
     "jsd_grad_",
     "jsd_row_sums",
     "kl_loss_grad_",
     "row_stats",
+    "single_pass_loss_grad_",
+    "single_pass_split",
     "triton_available",
 ]
