@@ -37,6 +37,7 @@ from megatron_distill.config import (
     LossConfig,
     ModelShape,
     ParallelConfig,
+    RolloutConfig,
     TrainConfig,
 )
 from megatron_distill.losses.reference import LOSS_KINDS
@@ -561,6 +562,84 @@ _CHECKPOINT_FLAGS: tuple[_Flag, ...] = (
     ),
 )
 
+def _r(name: str) -> Any:
+    return _default(RolloutConfig, name)
+
+
+# On-policy distillation (GKD) and RL: flag destination -> RolloutConfig field.
+_ROLLOUT_FIELDS = {
+    "on_policy_fraction": "on_policy_fraction",
+    "rollout_temperature": "temperature",
+    "rollout_top_p": "top_p",
+    "rollout_top_k": "top_k",
+    "rollout_max_new_tokens": "max_new_tokens",
+    "seq_kd": "seq_kd",
+    "rollout_seed": "seed",
+    "rollouts_per_prompt": "rollouts_per_prompt",
+    "rl_loss_weight": "rl_loss_weight",
+    "reward_fn": "reward_fn",
+}
+
+_ROLLOUT_FLAGS: tuple[_Flag, ...] = (
+    _Flag(
+        "on_policy_fraction",
+        float,
+        _r("on_policy_fraction"),
+        "GKD's lambda in [0, 1]: the share of each global batch whose responses the student generates from "
+        "the rows' prompts with its current weights (the rest keep the dataset's responses). Which samples: "
+        "sample groups spread evenly over the global batch, the same whatever the layout (README). Needs "
+        "--train-data; 0 is offline KD, unchanged.",
+    ),
+    _Flag("rollout_temperature", float, _r("temperature"), "Sampling temperature of the rollouts (0 = greedy)."),
+    _Flag("rollout_top_p", float, _r("top_p"), "Nucleus sampling of the rollouts, in (0, 1] (1 = off)."),
+    _Flag("rollout_top_k", int, _r("top_k"), "Top-k sampling of the rollouts (0 = off)."),
+    _Flag(
+        "rollout_max_new_tokens",
+        int,
+        _r("max_new_tokens"),
+        "Most tokens generated per response; also capped so that prompt + response fit --seq-length + 1. A "
+        "response stops after the tokenizer's EOS or the chat template's end-of-turn token.",
+    ),
+    _Flag(
+        "seq_kd",
+        bool,
+        _r("seq_kd"),
+        "Sequence-level KD (GKD's seq_kd, as in TRL): the samples that are not on-policy get responses generated "
+        "by the teacher instead of the dataset's.",
+    ),
+    _Flag(
+        "rollout_seed",
+        int,
+        _r("seed"),
+        "Seed of rollout sampling (the noise is a hash of seed, iteration, data-parallel rank, row and token; "
+        "the global RNG is not used).",
+    ),
+    _Flag(
+        "rollouts_per_prompt",
+        int,
+        _r("rollouts_per_prompt"),
+        "Responses generated per prompt (the group of the RL baseline); a multiple of it must divide "
+        "--global-batch-size / data-parallel size.",
+    ),
+    _Flag(
+        "rl_loss_weight",
+        float,
+        _r("rl_loss_weight"),
+        "Weight of the policy-gradient term (REINFORCE, baseline = the mean reward of the prompt's rollouts) on "
+        "the student's rollouts, added to the distillation term and normalized by the same global token count. "
+        "Needs --rollouts-per-prompt >= 2; selects the reference loss path (0: off).",
+    ),
+    _Flag(
+        "reward_fn",
+        str,
+        _r("reward_fn"),
+        "Reward function 'package.module:function', called fn(prompt, response, reference) -> float on the "
+        "decoded texts (reference: the row's 'reference' field, '' when absent).",
+        None,
+        "MODULE:FN",
+    ),
+)
+
 # Flag destination -> (section of DistillConfig, field name).
 _FIELD_MAP: dict[str, tuple[str, str]] = {
     **{f.dest: ("parallel", f.dest) for f in _PARALLEL_FLAGS if f.dest != "use_distributed_optimizer"},
@@ -579,6 +658,7 @@ _FIELD_MAP: dict[str, tuple[str, str]] = {
     **{f.dest: ("checkpoint", f.dest) for f in _MODEL_SOURCE_FLAGS if f.dest != "teacher"},
     "teacher": ("checkpoint", "teacher_mode"),
     **{f.dest: ("checkpoint", f.dest) for f in _CHECKPOINT_FLAGS},
+    **{dest: ("rollout", name) for dest, name in _ROLLOUT_FIELDS.items()},
 }
 
 
@@ -700,6 +780,13 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         ("data", None, _DATA_FLAGS),
         ("checkpointing", "Saving and resuming (megatron_distill/checkpointing.py).", _CHECKPOINT_FLAGS),
+        (
+            "on-policy distillation and RL",
+            "GKD: the student (or, with --seq-kd, the teacher) generates responses in place under the training "
+            "layout, then the same schedule and loss train on them; optional policy-gradient term "
+            "(megatron_distill/onpolicy.py).",
+            _ROLLOUT_FLAGS,
+        ),
         (
             "Hugging Face models",
             "--load also accepts a Hugging Face directory: the student then starts from those weights and "
@@ -909,7 +996,8 @@ def _build_teacher(values: dict[str, Any], student: ModelShape) -> ModelShape:
 def _build_config(values: dict[str, Any]) -> DistillConfig:
     student = _build_student(values)
     teacher = _build_teacher(values, student)
-    sections: dict[str, dict[str, Any]] = {"parallel": {}, "train": {}, "loss": {}, "data": {}, "checkpoint": {}}
+    sections: dict[str, dict[str, Any]] = {"parallel": {}, "train": {}, "loss": {}, "data": {}, "checkpoint": {},
+                                           "rollout": {}}
     for dest, (section, name) in _FIELD_MAP.items():
         sections[section][name] = values[dest]
     sections["checkpoint"]["student_hf"] = values.get("student_hf")
@@ -923,6 +1011,7 @@ def _build_config(values: dict[str, Any]) -> DistillConfig:
         train=TrainConfig(**sections["train"]),
         data=DataConfig(**sections["data"]),
         checkpoint=CheckpointConfig(**sections["checkpoint"]),
+        rollout=RolloutConfig(**sections["rollout"]),
     )
 
 
@@ -963,7 +1052,7 @@ def parse_config(argv: list[str] | None = None) -> DistillConfig:
 
 
 def config_to_dict(cfg: DistillConfig) -> dict[str, Any]:
-    """The config as nested plain dicts (student, teacher, parallel, loss, train, data), for logging."""
+    """The config as nested plain dicts (student, teacher, parallel, loss, train, data, checkpoint, rollout)."""
     return dataclasses.asdict(cfg)
 
 

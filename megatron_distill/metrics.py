@@ -20,6 +20,20 @@ def peak_memory_gib(device: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / 2**30
 
 
+def _rollout_part(extra: dict) -> str:
+    """The progress line's rollout summary: time split, generation speed, lengths, on/off-policy kd, reward."""
+    text = (f"rollout {extra['rollout_seconds']:.2f}s / train {extra['train_seconds']:.2f}s, "
+            f"{extra['rollout_samples']} gen @ {extra['rollout_tokens_per_sec']:,.0f} tok/s")
+    if "rollout_mean_response_length" in extra:
+        text += (f", len {extra['rollout_mean_response_length']:.1f}, "
+                 f"trunc {extra['rollout_truncated_fraction']:.2f}")
+    if "kd_loss_on_policy" in extra:
+        text += f", kd on/off {extra['kd_loss_on_policy']:.4f}/{extra['kd_loss_off_policy']:.4f}"
+    if "reward_mean" in extra:
+        text += f", reward {extra['reward_mean']:.3f}"
+    return text
+
+
 class MetricsLogger:
     """Rank 0 prints progress and appends JSON lines; other ranks stay silent."""
 
@@ -60,6 +74,8 @@ class MetricsLogger:
         grad = "n/a" if stats.grad_norm is None or math.isnan(stats.grad_norm) else f"{stats.grad_norm:.3f}"
         parts += [f"lr {stats.lr:.2e}", f"grad-norm {grad}", f"{stats.tokens_per_sec:,.0f} tok/s",
                   f"tokens {stats.num_tokens}"]
+        if "rollout_seconds" in stats.extra:  # on-policy (onpolicy.py)
+            parts.append(_rollout_part(stats.extra))
         if record["peak_memory_gib"] is not None:
             parts.append(f"peak {record['peak_memory_gib']:.2f} GiB")
         parts.append(f"eta {remaining:.0f}s")

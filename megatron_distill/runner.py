@@ -92,6 +92,8 @@ def _loop(engine, data, iters: int, ctx: DeviceContext, logger: MetricsLogger,
             guard.faults.before_iteration(it)
             batches = guard.faults.corrupt_batches(it, batches)
         stats = run_iteration(engine, batches, it, ctx.device)
+        if hasattr(data, "add_metrics"):  # on-policy rollouts (onpolicy.py): rollout time, lengths, rewards
+            data.add_metrics(stats)
         history.append(stats)
         if it % log_interval == 0 or it == iters or it == start + 1 or stats.skipped:
             logger.log(stats, ctx.device)
@@ -189,6 +191,24 @@ def _remote_feed(cfg: DistillConfig, pg, ctx: DeviceContext) -> RemoteTeacherFee
     )
 
 
+def _on_policy(data, engine, tokenizer, cfg: DistillConfig, ctx: DeviceContext, stream=None):
+    """Wrap the chat source so each iteration's responses are generated in place (onpolicy.py)."""
+    from megatron_distill.onpolicy import OnPolicyData
+
+    ro = cfg.rollout
+    try:
+        wrapped = OnPolicyData(data, engine, tokenizer, ro, device=ctx.device)
+    except (ImportError, AttributeError, TypeError, ValueError) as err:  # a bad --reward-fn
+        raise ConfigError(f"--reward-fn: {err}") from err
+    sampling = "greedy" if ro.temperature == 0 else (
+        f"temperature {ro.temperature}, top-p {ro.top_p}, top-k {ro.top_k}, seed {ro.seed}")
+    rl = f"; RL term x {ro.rl_loss_weight}, reward {ro.reward_fn}" if ro.rl_loss_weight > 0 else ""
+    _print0(f"on-policy: fraction {ro.on_policy_fraction} student rollouts"
+            f"{', the rest teacher-generated (--seq-kd)' if ro.seq_kd else ''}, {ro.rollouts_per_prompt} per prompt, "
+            f"up to {ro.max_new_tokens} new tokens, {sampling}, stop ids {list(wrapped.stop_ids)}{rl}", stream)
+    return wrapped
+
+
 def _check_export_target(path: str | None) -> None:
     """Refuse a non-empty --export-hf directory before training, not after it."""
     if path and os.path.isdir(path) and os.listdir(path):
@@ -254,6 +274,8 @@ def run(cfg: DistillConfig, stream=None) -> list[IterationStats]:
     if cfg.checkpoint.teacher_mode != "separate":  # self-distillation: the teacher has the student's shape
         cfg = replace(cfg, teacher=cfg.student)
     validate(cfg, world)
+    if cfg.rollout.rl_loss_weight > 0 and cfg.loss.impl == "auto":  # the PG term needs the student's logits
+        cfg = replace(cfg, loss=replace(cfg.loss, impl="reference"))
     if cfg.checkpoint.auto_resume and not cfg.checkpoint.load:
         cfg = replace(cfg, checkpoint=replace(cfg.checkpoint, load=cfg.checkpoint.save))
     device = resolve_device(cfg.train.device)
@@ -289,6 +311,8 @@ def run(cfg: DistillConfig, stream=None) -> list[IterationStats]:
     logger = MetricsLogger(cfg.train.metrics_file, ctx.rank, cfg.train.train_iters, stream=stream)
     data = _data(cfg, pg, world, tokenizer)
     _print0(f"data: {data_source_kind(cfg)}", stream)
+    if cfg.rollout.enabled:
+        data = _on_policy(data, engine, tokenizer, cfg, ctx, stream)
     ckpt, log = cfg.checkpoint, partial(_print0, stream=stream)
     done_iters = 0
     if ckpt.load:  # after building the data: RNG states are restored last

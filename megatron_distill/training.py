@@ -20,7 +20,12 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
 
 from megatron_distill.engine import Engine
-from megatron_distill.pipeline.loss_step import distill_loss_sums, fused_distill_loss_sums, topk_distill_loss_sums
+from megatron_distill.pipeline.loss_step import (
+    RLTerm,
+    distill_loss_sums,
+    fused_distill_loss_sums,
+    topk_distill_loss_sums,
+)
 from megatron_distill.pipeline.stage import concat_hidden_shapes_fn
 from megatron_distill.resilience import step_is_finite
 
@@ -73,6 +78,15 @@ def align_teacher_output(out: tuple, teacher_index: torch.Tensor, output_mode: s
     return student_logits, teacher_logits.gather(1, idx)
 
 
+def _rl_term(engine: Engine, batch: dict) -> RLTerm | None:
+    """The policy-gradient term of an on-policy micro-batch (``onpolicy.py``), or None."""
+    rollout = engine.cfg.rollout
+    if rollout.rl_loss_weight <= 0 or "advantages" not in batch:
+        return None
+    temperature = rollout.temperature if rollout.temperature > 0 else 1.0
+    return RLTerm(batch["advantages"], rollout.rl_loss_weight, temperature)
+
+
 def make_forward_step(engine: Engine, device: torch.device) -> Callable:
     """Megatron ``forward_step_func``: runs the stage, binds the teacher's output into the loss."""
     loss_cfg = engine.cfg.loss
@@ -106,6 +120,7 @@ def make_forward_step(engine: Engine, device: torch.device) -> Callable:
                 loss, tokens, stats = fused_distill_loss_sums(
                     output_tensor, student_weight, teacher_hidden, teacher_weight, batch["loss_mask"],
                     loss_cfg, engine.vocab_shard, engine.pg.tp, engine.cfg.parallel.sequence_parallel,
+                    on_policy=batch.get("on_policy"),
                 )
                 return loss, tokens, _flag_teacher(stats, teacher_hidden)
 
@@ -116,6 +131,7 @@ def make_forward_step(engine: Engine, device: torch.device) -> Callable:
             loss, tokens, stats = distill_loss_sums(
                 output_tensor, teacher_logits, batch["labels"], batch["loss_mask"],
                 loss_cfg, engine.vocab_shard, engine.pg.tp,
+                on_policy=batch.get("on_policy"), rl=_rl_term(engine, batch),
             )
             return loss, tokens, _flag_teacher(stats, teacher_logits)
 
@@ -184,9 +200,20 @@ def run_iteration(engine: Engine, microbatches: list[dict], iteration: int, devi
                 extra["skip_reason"] = "the teacher produced non-finite outputs"
     sync()
     optimizer_end = time.perf_counter()
-    kd_sum, ce_sum, tokens = sums.tolist()[:3]
+    kd_sum, ce_sum, tokens, kd_on, tokens_on, pg_sum = sums.tolist()[:6]
     denom = max(tokens, 1.0)
-    loss = (cfg.loss.kd_weight * kd_sum + cfg.loss.ce_weight * ce_sum) / denom
+    weighted = cfg.loss.kd_weight * kd_sum + cfg.loss.ce_weight * ce_sum
+    if cfg.rollout.rl_loss_weight > 0:
+        weighted += cfg.rollout.rl_loss_weight * pg_sum
+    loss = weighted / denom
+    if "on_policy" in microbatches[0]:  # on-policy batches (onpolicy.py): the loss by part, the RL term
+        extra["on_policy_tokens"] = int(tokens_on) if math.isfinite(tokens_on) else -1
+        if tokens_on > 0:  # per-token means of each part (its own token count)
+            extra["kd_loss_on_policy"] = kd_on / tokens_on
+        if tokens - tokens_on > 0:
+            extra["kd_loss_off_policy"] = (kd_sum - kd_on) / (tokens - tokens_on)
+        if cfg.rollout.rl_loss_weight > 0:
+            extra["pg_loss"] = pg_sum / denom
     seconds = time.perf_counter() - start
     global_tokens = seq_length * micro_batch_size * len(microbatches) * cfg.data_parallel_size(
         dist.get_world_size()
@@ -214,8 +241,9 @@ def _global_sums(outputs, num_microbatches: int, pg, device: torch.device):
     """Loss sums of the global batch (same on every rank) and the indices of non-finite micro-batches.
 
     Only last-stage ranks hold per-micro-batch sums, replicated over TP: sum over the world and
-    divide by TP. Slots: 0 kd sum, 1 ce sum, 2 tokens, 3..6 free for loss-specific sums, 7 the
-    number of micro-batches whose teacher output was non-finite.
+    divide by TP. Slots: 0 kd sum, 1 ce sum, 2 tokens, 3..6 loss-specific sums (on-policy batches:
+    3 kd on-policy, 4 tokens on-policy, 5 policy-gradient sum; loss_step.py), 7 the number of
+    micro-batches whose teacher output was non-finite.
     """
     width = TEACHER_NONFINITE_SLOT + 1
     sums = torch.zeros(width, dtype=torch.float64, device=device)

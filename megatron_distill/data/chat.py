@@ -95,7 +95,8 @@ class ChatBatches:
     ``loss_mask`` [b, s] float (1 on response labels), ``position_ids`` [b, s] long, with
     ``pack=True`` also ``attention_mask`` [b, 1, s, s] bool (True = masked; causal,
     block-diagonal over packed documents), and ``meta``: a list of b dicts (not tensors) with
-    ``source`` ("FILE: row N (0-based)[, line L]"), ``privileged_context`` and ``reference`` (str or None); a packed
+    ``source`` ("FILE: row N (0-based)[, line L]"), ``privileged_context`` and ``reference`` (str or None),
+    ``prompt_length`` (int: ``tokens[:prompt_length]`` is the prompt, before any response token); a packed
     row's meta is ``{"documents": [those dicts, in row order]}``.
 
     All rows are read, validated and tokenized at construction (errors surface before training).
@@ -162,7 +163,9 @@ class ChatBatches:
             self.stats.dropped_no_loss += 1
             return
         ids_t = torch.tensor(ids, dtype=torch.long)
-        meta = {"source": row.source, "privileged_context": row.privileged_context, "reference": row.reference}
+        # prompt_length: ids[:prompt_length] are the prompt (what on-policy rollouts generate from).
+        meta = {"source": row.source, "privileged_context": row.privileged_context, "reference": row.reference,
+                "prompt_length": mask.index(1)}
         loss_mask = torch.tensor(mask[1:], dtype=torch.float)
         sample = {"tokens": ids_t[:-1], "labels": ids_t[1:], "loss_mask": loss_mask, "meta": meta}
         if self.privileged_template is not None:

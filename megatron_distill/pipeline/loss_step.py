@@ -4,6 +4,13 @@ Megatron's schedule is run with ``calculate_per_token_loss``: each micro-batch r
 of its per-token losses and its token count, and ``finalize_model_grads`` divides the gradients
 by the token count of the whole global batch (all micro-batches, all DP ranks). The loss is thus
 normalised the same way whatever TP / PP / DP / micro-batching is used.
+
+On-policy batches (``onpolicy.py``) carry a per-sample ``on_policy`` flag and ``advantages``.
+Then the stats hold three more sums: the distillation sum and the token count of the on-policy
+samples (for separate on/off-policy metrics) and the policy-gradient sum
+``-sum_{i,t} A_i log pi(y_t)`` over the student-generated response tokens, weighted by
+``RLTerm.weight`` into the loss. Stats slots: 0 kd, 1 ce, 2 tokens, 3 kd on-policy, 4 tokens
+on-policy, 5 pg.
 """
 
 from __future__ import annotations
@@ -15,6 +22,8 @@ import torch
 from megatron_distill.config import LossConfig
 from megatron_distill.losses.reference import distill_loss_per_token, vocab_parallel_log_softmax
 from megatron_distill.losses.tp_collectives import ProcessGroup, all_reduce_sum_grad_identity
+from megatron_distill.rollout.logprobs import token_logprobs
+from megatron_distill.rollout.rl import policy_gradient_loss_sum
 
 
 def vocab_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, tp_group: ProcessGroup,
@@ -30,6 +39,27 @@ def vocab_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, tp_
     picked = torch.gather(logp, -1, local_ids.clamp(0, logits.shape[-1] - 1).unsqueeze(-1)).squeeze(-1)
     picked = torch.where(in_shard, picked, torch.zeros_like(picked))
     return -all_reduce_sum_grad_identity(picked, tp_group)
+
+
+@dataclass
+class RLTerm:
+    """The policy-gradient term of a micro-batch: per-sample ``advantages`` [b] and ``on_policy`` [b] flags.
+
+    ``temperature``: the student's log-probs are those of ``softmax(z / temperature)``, the
+    distribution the rollouts were sampled from (1 for greedy rollouts).
+    """
+
+    advantages: torch.Tensor
+    weight: float
+    temperature: float = 1.0
+
+
+def _split_stats(stats: list[torch.Tensor], on_policy: torch.Tensor | None, kd_on: torch.Tensor,
+                 tokens_on: torch.Tensor, pg_sum: torch.Tensor) -> torch.Tensor:
+    """The stats vector: 3 slots offline, 6 with an ``on_policy`` flag (module docstring)."""
+    if on_policy is not None:
+        stats = stats + [kd_on.detach().float(), tokens_on.detach().float(), pg_sum.detach().float()]
+    return torch.stack(stats)
 
 
 @dataclass
@@ -54,12 +84,16 @@ def distill_loss_sums(
     loss_cfg: LossConfig,
     shard: VocabShard,
     tp_group: ProcessGroup,
+    on_policy: torch.Tensor | None = None,
+    rl: RLTerm | None = None,
 ):
     """Weighted loss sum over unmasked tokens of one micro-batch, and what to log.
 
     ``student_logits``/``teacher_logits`` ``[b, s, V_local]`` (padding rows are dropped here so
     the divergence is over the real vocabulary), ``labels`` and ``loss_mask`` ``[b, s]``.
-    Returns ``(loss_sum, num_tokens, {"kd_sum", "ce_sum", "tokens"})``.
+    ``on_policy`` ``[b]`` (1 for student-generated samples) and ``rl`` (the policy-gradient term
+    on those samples' response tokens) come with on-policy batches.
+    Returns ``(loss_sum, num_tokens, {"sums": [kd, ce, tokens(, kd_on, tokens_on, pg)]})``.
     """
     mask = loss_mask.float()
     num_tokens = mask.sum()
@@ -67,6 +101,8 @@ def distill_loss_sums(
     total = torch.zeros((), dtype=torch.float32, device=student_logits.device)
     kd_sum = torch.zeros_like(total)
     ce_sum = torch.zeros_like(total)
+    kd_on, pg_sum = torch.zeros_like(total), torch.zeros_like(total)
+    on_mask = None if on_policy is None else mask * on_policy.to(mask.dtype).unsqueeze(1)
     if loss_cfg.kd_weight > 0:
         assert teacher_logits is not None, "a distillation loss needs a teacher"
         per_token = distill_loss_per_token(
@@ -79,11 +115,19 @@ def distill_loss_sums(
         )
         kd_sum = (per_token * mask).sum()
         total = total + loss_cfg.kd_weight * kd_sum
+        if on_mask is not None:
+            kd_on = (per_token.detach() * on_mask).sum()
     if loss_cfg.ce_weight > 0:
         per_token_ce = vocab_parallel_cross_entropy(s_logits, labels, tp_group, shard.start)
         ce_sum = (per_token_ce * mask).sum()
         total = total + loss_cfg.ce_weight * ce_sum
-    stats = torch.stack([kd_sum.detach(), ce_sum.detach(), num_tokens.detach()])
+    if rl is not None and rl.weight > 0:
+        assert on_mask is not None, "the policy-gradient term needs the on_policy flags"
+        logprobs = token_logprobs(s_logits / rl.temperature, labels, tp_group, shard.start)
+        pg_sum = policy_gradient_loss_sum(logprobs, rl.advantages, on_mask)
+        total = total + rl.weight * pg_sum
+    tokens_on = on_mask.sum() if on_mask is not None else None
+    stats = _split_stats([kd_sum.detach(), ce_sum.detach(), num_tokens.detach()], on_policy, kd_on, tokens_on, pg_sum)
     return total, num_tokens.to(torch.int), {"sums": stats}
 
 
@@ -97,34 +141,49 @@ def fused_distill_loss_sums(
     shard: VocabShard,
     tp_group: ProcessGroup,
     sequence_parallel: bool,
+    on_policy: torch.Tensor | None = None,
 ):
     """Like ``distill_loss_sums`` but from hidden states, through the fused output-layer + loss.
 
     ``student_hidden`` ``[s, b, h_s]`` and ``teacher_hidden`` ``[s, b, h_t]`` (``s / tp`` rows
     with sequence parallelism), output weights ``[V_local, h]`` (this rank's vocab shard),
     ``loss_mask`` ``[b, s]``. Logits are never materialised beyond one token chunk.
+    With ``on_policy`` ``[b]`` the on-policy part is summed apart: free when the micro-batch is all
+    on- or all off-policy, two kernel calls (one per part, same total) when it mixes both.
     """
     from megatron_distill.losses.fused import fused_linear_distill_loss
 
-    # Tokens are flattened sequence-major, matching Megatron's [s, b, h] (and SP's s-split).
-    mask = loss_mask.transpose(0, 1).reshape(-1).float()
+    def kd(token_mask: torch.Tensor) -> torch.Tensor:
+        # Tokens are flattened sequence-major, matching Megatron's [s, b, h] (and SP's s-split).
+        return fused_linear_distill_loss(
+            student_hidden.reshape(-1, student_hidden.shape[-1]),
+            student_weight[: shard.valid],
+            teacher_hidden.reshape(-1, teacher_hidden.shape[-1]),
+            teacher_weight[: shard.valid],
+            loss_cfg.kind,
+            beta=loss_cfg.beta,
+            temperature=loss_cfg.temperature,
+            loss_mask=token_mask.transpose(0, 1).reshape(-1),
+            tp_group=tp_group,
+            sequence_parallel=sequence_parallel,
+            reduction="sum",
+        )
+
+    mask = loss_mask.float()
     num_tokens = mask.sum()
-    kd_sum = fused_linear_distill_loss(
-        student_hidden.reshape(-1, student_hidden.shape[-1]),
-        student_weight[: shard.valid],
-        teacher_hidden.reshape(-1, teacher_hidden.shape[-1]),
-        teacher_weight[: shard.valid],
-        loss_cfg.kind,
-        beta=loss_cfg.beta,
-        temperature=loss_cfg.temperature,
-        loss_mask=mask,
-        tp_group=tp_group,
-        sequence_parallel=sequence_parallel,
-        reduction="sum",
-    )
+    zero = torch.zeros((), dtype=torch.float32, device=mask.device)
+    kd_on, tokens_on = zero, None
+    if on_policy is None or bool(on_policy.min() == on_policy.max()):
+        kd_sum = kd(mask)
+        if on_policy is not None:
+            all_on = bool(on_policy[0] > 0)
+            kd_on, tokens_on = (kd_sum, num_tokens) if all_on else (zero, zero)
+    else:
+        on_mask = mask * on_policy.to(mask.dtype).unsqueeze(1)
+        kd_on, tokens_on = kd(on_mask), on_mask.sum()
+        kd_sum = kd_on + kd(mask - on_mask)
     total = loss_cfg.kd_weight * kd_sum
-    zero = torch.zeros((), dtype=torch.float32, device=kd_sum.device)
-    stats = torch.stack([kd_sum.detach().float(), zero, num_tokens.detach()])
+    stats = _split_stats([kd_sum.detach().float(), zero, num_tokens.detach()], on_policy, kd_on, tokens_on, zero)
     return total, num_tokens.to(torch.int), {"sums": stats}
 
 

@@ -21,6 +21,7 @@ from megatron_distill.config import (
     LossConfig,
     ModelShape,
     ParallelConfig,
+    RolloutConfig,
     TrainConfig,
     validate,
 )
@@ -68,6 +69,7 @@ def test_minimal_command_line_gives_dataclass_defaults():
     assert cfg.loss == LossConfig()
     assert cfg.train == TrainConfig(seq_length=32)
     assert cfg.data == DataConfig()
+    assert cfg.rollout == RolloutConfig()
 
 
 # --------------------------------------------------------------------------- every flag
@@ -186,6 +188,16 @@ def every_flag_argv() -> tuple[list[str], list[tuple[str, str, object]]]:
         ("--export-hf", "/out", "checkpoint", "export_hf", "/out"),
         ("--synthetic-branching", "8", "data", "synthetic_branching", 8),
         ("--data-seed", "99", "data", "data_seed", 99),
+        ("--on-policy-fraction", "0.5", "rollout", "on_policy_fraction", 0.5),
+        ("--rollout-temperature", "0.7", "rollout", "temperature", 0.7),
+        ("--rollout-top-p", "0.9", "rollout", "top_p", 0.9),
+        ("--rollout-top-k", "50", "rollout", "top_k", 50),
+        ("--rollout-max-new-tokens", "512", "rollout", "max_new_tokens", 512),
+        ("--seq-kd", None, "rollout", "seq_kd", True),
+        ("--rollout-seed", "42", "rollout", "seed", 42),
+        ("--rollouts-per-prompt", "4", "rollout", "rollouts_per_prompt", 4),
+        ("--rl-loss-weight", "0.5", "rollout", "rl_loss_weight", 0.5),
+        ("--reward-fn", "my.rewards:score", "rollout", "reward_fn", "my.rewards:score"),
     ]
     argv: list[str] = ["--group-query-attention"]
     expected: list[tuple[str, str, object]] = []
@@ -464,7 +476,8 @@ def test_every_flag_has_help_and_is_in_the_reference():
         assert action.help and len(action.help) > 10, action.option_strings
         for option in action.option_strings:
             assert f"`{option}" in reference, option
-    for title in ("student model", "teacher model", "parallelism", "training", "distillation", "data"):
+    for title in ("student model", "teacher model", "parallelism", "training", "distillation", "data",
+                  "on-policy distillation and RL"):
         assert f"### {title}" in reference
     assert "| `--num-layers N` | required |" in reference
     assert "4 x --teacher-hidden-size" in reference  # the ffn rule is documented
@@ -509,5 +522,5 @@ def test_quickstart_relative_path_from_repo_root(monkeypatch, tmp_path):
 def test_config_to_dict_is_json_serializable():
     cfg = parse_config(["--config-file", str(QUICKSTART)])
     d = config_to_dict(cfg)
-    assert set(d) == {"student", "teacher", "parallel", "loss", "train", "data", "checkpoint"}
+    assert set(d) == {"student", "teacher", "parallel", "loss", "train", "data", "checkpoint", "rollout"}
     assert json.loads(json.dumps(d))["teacher"]["hidden_size"] == 128

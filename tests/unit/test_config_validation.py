@@ -15,6 +15,7 @@ from megatron_distill.config import (
     LossConfig,
     ModelShape,
     ParallelConfig,
+    RolloutConfig,
     TrainConfig,
     validate,
 )
@@ -23,7 +24,7 @@ WORLD = 8  # TP 2 x PP 2 x DP 2
 
 
 def make(student=None, teacher=None, parallel=None, loss=None, train=None, data=None,
-         checkpoint=None) -> DistillConfig:
+         checkpoint=None, rollout=None) -> DistillConfig:
     """A valid config for WORLD processes, with fields overridden by the given dicts."""
     s = dict(num_layers=4, hidden_size=64, num_attention_heads=4, vocab_size=256, max_position_embeddings=64)
     t = dict(num_layers=8, hidden_size=128, num_attention_heads=8, vocab_size=256, max_position_embeddings=64)
@@ -39,6 +40,7 @@ def make(student=None, teacher=None, parallel=None, loss=None, train=None, data=
         ),
         data=DataConfig(**(data or {})),
         checkpoint=CheckpointConfig(**(checkpoint or {})),
+        rollout=RolloutConfig(**(rollout or {})),
     )
 
 
@@ -298,6 +300,47 @@ def test_data_rules():
     fails(make(data={"train_data": ["a.jsonl"]}), "--train-data / --data-path need --tokenizer-model")
     fails(make(data={"pack_sequences": True}), "--pack-sequences applies to --train-data only")
     fails(make(data={"synthetic_branching": 0}), "--synthetic-branching must be >= 1, got 0")
+
+
+CHAT = {"train_data": ["a.jsonl"], "tokenizer_model": "tok"}
+
+
+def test_valid_on_policy_configs_pass():
+    validate(make(data=CHAT, rollout={"on_policy_fraction": 0.5}), WORLD)
+    validate(make(data=CHAT, rollout={"seq_kd": True, "rollouts_per_prompt": 2}), WORLD)
+    rl = {"on_policy_fraction": 1.0, "rollouts_per_prompt": 4, "rl_loss_weight": 1.0}
+    validate(make(data=CHAT, rollout=rl, loss={"kd_weight": 0.0}), WORLD)  # RL alone trains
+    # lambda 0 without --seq-kd generates nothing: the other rollout settings are inert, not errors.
+    validate(make(rollout={"rollouts_per_prompt": 3, "temperature": 0.0}), WORLD)
+
+
+def test_rollout_value_rules():
+    fails(make(rollout={"on_policy_fraction": 1.5}), re.escape("--on-policy-fraction must be in [0, 1], got 1.5"))
+    fails(make(rollout={"temperature": -1.0}), "--rollout-temperature must be >= 0")
+    fails(make(rollout={"top_p": 0.0}), re.escape("--rollout-top-p must be in (0, 1]"))
+    fails(make(rollout={"top_k": -1}), "--rollout-top-k must be >= 0")
+    fails(make(rollout={"max_new_tokens": 0}), "--rollout-max-new-tokens must be >= 1")
+    fails(make(rollout={"rollouts_per_prompt": 0}), "--rollouts-per-prompt must be >= 1")
+    fails(make(rollout={"rl_loss_weight": -0.1}), "--rl-loss-weight must be >= 0")
+
+
+def test_rollout_combination_rules():
+    on = {"on_policy_fraction": 0.5}
+    fails(make(rollout=on), "--on-policy-fraction > 0 / --seq-kd generate responses .* give --train-data")
+    fails(make(rollout={"seq_kd": True}), "give --train-data")
+    fails(make(data={**CHAT, "pack_sequences": True}, rollout=on), "cannot be combined with --pack-sequences")
+    fails(make(data=CHAT, checkpoint={"teacher_remote": "http://t:1"}, loss={"topk": 8}, rollout=on),
+          "--teacher-remote is not supported with rollouts")
+    fails(make(data=CHAT, checkpoint={"teacher_mode": "self-live"}, rollout=on), "privileged-context")
+    # WORLD 8 at TP2 x PP2: DP 2, 4 samples per DP rank.
+    fails(make(data=CHAT, rollout={**on, "rollouts_per_prompt": 3}),
+          re.escape("--global-batch-size / data-parallel size (4) must be a multiple of --rollouts-per-prompt (3)"))
+    rl = {**on, "rollouts_per_prompt": 2, "rl_loss_weight": 1.0}
+    fails(make(data=CHAT, rollout={**rl, "on_policy_fraction": 0.0}), "--rl-loss-weight > 0 needs --on-policy-fraction")
+    fails(make(data=CHAT, rollout={**rl, "rollouts_per_prompt": 1}), "needs --rollouts-per-prompt >= 2")
+    fails(make(data=CHAT, rollout=rl, loss={"impl": "fused"}), "use --kd-loss-impl reference")
+    fails(make(data=CHAT, rollout={**rl, "reward_fn": "nocolon"}), "--reward-fn must look like")
+    fails(make(data=CHAT, rollout={**rl, "rl_loss_weight": 0.0}, loss={"kd_weight": 0.0}), "nothing to train on")
 
 
 def test_every_problem_is_listed_at_once():
