@@ -266,6 +266,16 @@ def _fused_forward(hs, ws, ht, wt, loss_mask, cfg: _Config, need_gh: bool, need_
     return loss, grad_h, grad_w
 
 
+def scale_saved_grads(ctx, grad_output: torch.Tensor) -> tuple:
+    """Backward of a loss whose forward stored ``(grad_hidden, grad_weight)``: scale them by ``grad_output``."""
+    grad_h, grad_w = ctx.saved_tensors
+    # the common case (loss.backward() on this loss alone) needs no pass over grad_W
+    if bool(grad_output.ne(1.0)):
+        grad_h = None if grad_h is None else grad_h * grad_output.to(grad_h.dtype)
+        grad_w = None if grad_w is None else grad_w * grad_output.to(grad_w.dtype)
+    return grad_h, grad_w
+
+
 class FusedLinearDistillFunction(torch.autograd.Function):
     """Autograd wrapper: the forward does all the work and keeps the gradients, the backward
     scales them by the incoming gradient. Teacher tensors are constants (no gradient)."""
@@ -288,12 +298,7 @@ class FusedLinearDistillFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
-        grad_h, grad_w = ctx.saved_tensors
-        # the common case (loss.backward() on this loss alone) needs no pass over grad_W
-        if bool(grad_output.ne(1.0)):
-            grad_h = None if grad_h is None else grad_h * grad_output.to(grad_h.dtype)
-            grad_w = None if grad_w is None else grad_w * grad_output.to(grad_w.dtype)
-        return grad_h, grad_w, None, None, None, None
+        return (*scale_saved_grads(ctx, grad_output), None, None, None, None)
 
 
 def fused_linear_distill_loss(

@@ -44,7 +44,7 @@ from dataclasses import dataclass
 
 import torch
 
-from megatron_distill.losses.fused import REDUCTIONS, _accumulate_weight_grad, _rows, plan_chunks
+from megatron_distill.losses.fused import REDUCTIONS, _accumulate_weight_grad, _rows, plan_chunks, scale_saved_grads
 from megatron_distill.losses.reference import check_loss_args
 from megatron_distill.losses.topk import check_topk_args
 from megatron_distill.losses.tp_collectives import (
@@ -202,11 +202,7 @@ class FusedLinearTopkDistillFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
-        grad_h, grad_w = ctx.saved_tensors
-        if bool(grad_output.ne(1.0)):
-            grad_h = None if grad_h is None else grad_h * grad_output.to(grad_h.dtype)
-            grad_w = None if grad_w is None else grad_w * grad_output.to(grad_w.dtype)
-        return grad_h, grad_w, None, None, None, None
+        return (*scale_saved_grads(ctx, grad_output), None, None, None, None)
 
 
 def fused_linear_topk_distill_loss(

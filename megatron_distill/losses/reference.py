@@ -117,6 +117,19 @@ def distill_loss_per_token(
     return all_reduce_sum_grad_identity(local, tp_group)
 
 
+def masked_token_mean(per_token: torch.Tensor, loss_mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean of ``per_token`` ``[...]`` over tokens whose ``loss_mask`` ``[...]`` is nonzero (None: all).
+
+    0 when every token is masked; raises ValueError when the mask's shape differs.
+    """
+    if loss_mask is None:
+        return per_token.mean()
+    mask = loss_mask.to(per_token.dtype)
+    if mask.shape != per_token.shape:
+        raise ValueError(f"loss_mask {tuple(mask.shape)} must match the token shape {tuple(per_token.shape)}")
+    return (per_token * mask).sum() / mask.sum().clamp(min=1.0)
+
+
 def distill_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -135,9 +148,4 @@ def distill_loss(
     per_token = distill_loss_per_token(
         student_logits, teacher_logits, kind, beta=beta, temperature=temperature, tp_group=tp_group
     )
-    if loss_mask is None:
-        return per_token.mean()
-    mask = loss_mask.to(per_token.dtype)
-    if mask.shape != per_token.shape:
-        raise ValueError(f"loss_mask {tuple(mask.shape)} must match the token shape {tuple(per_token.shape)}")
-    return (per_token * mask).sum() / mask.sum().clamp(min=1.0)
+    return masked_token_mean(per_token, loss_mask)

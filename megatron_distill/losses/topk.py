@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import torch
 
-from megatron_distill.losses.reference import _local_divergence_terms, check_loss_args
+from megatron_distill.losses.reference import _local_divergence_terms, check_loss_args, masked_token_mean
 from megatron_distill.losses.tp_collectives import ProcessGroup, all_reduce_max_, all_reduce_sum_grad_identity
 
 
@@ -164,9 +164,4 @@ def topk_distill_loss(
         student_logits, teacher_topk_ids, teacher_topk_logprobs, kind, beta=beta, temperature=temperature,
         renormalize=renormalize, tp_group=tp_group, vocab_start=vocab_start,
     )
-    if loss_mask is None:
-        return per_token.mean()
-    mask = loss_mask.to(per_token.dtype)
-    if mask.shape != per_token.shape:
-        raise ValueError(f"loss_mask {tuple(mask.shape)} must match the token shape {tuple(per_token.shape)}")
-    return (per_token * mask).sum() / mask.sum().clamp(min=1.0)
+    return masked_token_mean(per_token, loss_mask)
