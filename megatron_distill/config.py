@@ -299,9 +299,10 @@ def _check_rollout(cfg: DistillConfig, world_size: int) -> list[str]:
             errors.append(f"{what} cannot be combined with --pack-sequences")
         if cfg.checkpoint.teacher_remote:
             errors.append(f"{what} need a local teacher: --teacher-remote is not supported with rollouts yet")
-        if cfg.checkpoint.teacher_mode != "separate" or cfg.data.privileged_template:
-            errors.append(f"{what} are not wired for privileged-context self-distillation (--teacher self-* / "
-                          "--privileged-template) yet")
+        if ro.seq_kd and (cfg.checkpoint.teacher_mode != "separate" or cfg.data.privileged_template):
+            errors.append("--seq-kd with privileged-context self-distillation (--teacher self-* / "
+                          "--privileged-template): the teacher would generate without its context; use "
+                          "--on-policy-fraction (the student's rollouts, scored by the teacher with the context)")
     if ro.enabled and ro.rollouts_per_prompt > 1 and world_size % (
             cfg.parallel.tensor_model_parallel_size * cfg.parallel.pipeline_model_parallel_size) == 0:
         per_dp = cfg.train.global_batch_size // max(cfg.data_parallel_size(world_size), 1)

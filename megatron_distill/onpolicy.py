@@ -18,7 +18,9 @@ before iteration ``i + 1`` trains, so rollouts always come from the student's cu
 5. rebuilds the micro-batches: ``tokens`` = prompt + response (inputs), ``labels`` shifted by one,
    ``loss_mask`` = 1 exactly on labels that are generated tokens (prompt and padding never count),
    right-padded to ``--seq-length``; plus ``on_policy`` [b] (1 = student-generated) and
-   ``advantages`` [b] (0 outside the student's rollouts) for the loss (pipeline/loss_step.py).
+   ``advantages`` [b] (0 outside the student's rollouts) for the loss (pipeline/loss_step.py);
+   under privileged-context self-distillation also the teacher's view of the new sequence
+   (privileged block + prompt + generated response, data/privileged.py).
 
 With ``lambda = 0`` and no ``--seq-kd`` nothing is generated: the source's tensors are passed on
 unchanged (the flags added are zeros), no RNG is touched, and the losses equal offline KD bitwise.
@@ -44,7 +46,8 @@ from megatron_distill.rollout.rl import group_advantages, load_reward_fn
 from megatron_distill.rollout.sampling import SamplingParams
 
 _MARKER = "MDISTILLMARKER"
-_TENSOR_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
+_TENSOR_KEYS = ("tokens", "labels", "loss_mask", "position_ids", "teacher_tokens", "teacher_position_ids",
+                "teacher_index")
 
 
 def on_policy_groups(num_groups: int, fraction: float) -> list[bool]:
@@ -221,12 +224,19 @@ class OnPolicyData:
         return Rollout(who, slots, out)
 
     def _write(self, rollout: Rollout, micro: list[dict], samples: list[tuple[int, int]]) -> None:
-        """Replace each slot's sample by prompt + generated response (loss on the response only)."""
+        """Replace each slot's sample by prompt + generated response (loss on the response only).
+
+        The slot takes the metadata of its group's first row, whose prompt it answers (its
+        ``reference`` for the reward, its ``context_ids`` for the teacher). With privileged
+        context (data/privileged.py) the teacher's view is rebuilt around the generated response:
+        the block is spliced before the prompt, so the response stays aligned token for token.
+        """
         out = rollout.output
         tokens, response_mask, lengths = out.tokens.cpu(), out.response_mask.cpu(), out.lengths.cpu()
         seq = self.data.seq_length
         for r, slot in enumerate(rollout.slots):
             m, j = samples[slot]
+            fm, fj = samples[slot - slot % self.group_size]
             mb, length = micro[m], int(lengths[r])
             ids = tokens[r, :length]
             mb["tokens"][j] = self.data.pad_token_id
@@ -236,7 +246,21 @@ class OnPolicyData:
             mb["labels"][j, : length - 1] = ids[1:]
             mb["loss_mask"][j, : length - 1] = response_mask[r, 1:length].to(mb["loss_mask"].dtype)
             assert length - 1 <= seq, "a rollout longer than --seq-length"
-            mb["meta"][j] = {**mb["meta"][j], "rollout": rollout.who}
+            mb["meta"][j] = {**micro[fm]["meta"][fj], "rollout": rollout.who}
+            if "teacher_tokens" in mb:
+                self._write_teacher_view(mb, j)
+
+    def _write_teacher_view(self, mb: dict, j: int) -> None:
+        """Row ``j``'s privileged-context teacher tensors for its (new) tokens; positions whose
+        teacher counterpart falls past ``--seq-length`` leave the loss."""
+        from megatron_distill.data.privileged import teacher_fields
+
+        block = mb["meta"][j].get("context_ids") or []
+        fields = teacher_fields(mb["tokens"][j], mb["labels"][j], mb["loss_mask"][j], block,
+                                self.tokenizer.bos_token_id, self.data.pad_token_id)
+        for key, value in fields.items():
+            mb[key][j] = value
+        mb["loss_mask"][j] *= (fields["teacher_index"] >= 0).to(mb["loss_mask"].dtype)
 
     def _rewards(self, rollout: Rollout, micro: list[dict], samples: list[tuple[int, int]]) -> list[float]:
         """The reward of each row: ``reward_fn(prompt, response, reference)`` on decoded text."""

@@ -176,6 +176,7 @@ class ChatBatches:
             else:
                 sample["context_ids"] = []
                 self.stats.no_privileged_context += 1
+            meta["context_ids"] = sample["context_ids"]  # on-policy rollouts rebuild the teacher's view from it
         self._samples.append(sample)
 
     @property

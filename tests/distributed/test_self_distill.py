@@ -148,3 +148,129 @@ def test_self_distillation_tp2_and_pp2_equal_tp1(setup, self_data, peaky_student
     live1 = _self_run(setup, self_data, peaky_student, "self-live", 1)
     torch.testing.assert_close(tp2, tp1, rtol=1e-5, atol=0)
     torch.testing.assert_close(pp2, live1, rtol=1e-5, atol=0)
+
+
+# ---------------------------------------------------------------- with on-policy rollouts
+
+class _Group:
+    def __init__(self, rank: int = 0, size: int = 1):
+        self._rank, self._size = rank, size
+
+    def rank(self) -> int:
+        return self._rank
+
+    def size(self) -> int:
+        return self._size
+
+
+def _stub_generate(vocab: list[int], eos: int):
+    """A stand-in for rollout.generate: per row a response of 1..7 tokens drawn from ``vocab``
+    (seeded by the prompt), ending with EOS on odd rows, right-padded like generate()'s output."""
+    from megatron_distill.rollout.generate import GenerationOutput
+
+    def generate(model, prompts, params, *, vocab_size, pg, prompt_lengths, pad_token_id):
+        rows, lengths = [], []
+        for r in range(prompts.shape[0]):
+            p = int(prompt_lengths[r])
+            g = torch.Generator().manual_seed(int(prompts[r, :p].sum()) * 7 + r)
+            n = min(params.max_new_tokens, int(torch.randint(1, 8, (1,), generator=g)))
+            resp = [vocab[int(i)] for i in torch.randint(0, len(vocab), (n,), generator=g)]
+            if r % 2:
+                resp[-1] = eos
+            rows.append(prompts[r, :p].tolist() + resp)
+            lengths.append(n)
+        width = max(len(x) for x in rows)
+        tokens = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+        mask = torch.zeros(len(rows), width, dtype=torch.bool)
+        for r, ids in enumerate(rows):
+            tokens[r, : len(ids)] = torch.tensor(ids)
+            mask[r, int(prompt_lengths[r]): len(ids)] = True
+        resp_len = torch.tensor(lengths)
+        return GenerationOutput(tokens, mask, prompt_lengths.clone(), resp_len, resp_len == params.max_new_tokens, 0.0)
+
+    return generate
+
+
+def test_on_policy_rollouts_get_the_privileged_teacher_view(tmp_path, monkeypatch):
+    """Student rollouts under self-distillation: each generated row's teacher input is
+    [bos] + context block + prompt + generated response, aligned token for token on every loss
+    position; the row takes its group's first row's context and reference; rows past
+    --seq-length leave the loss only where the teacher's view no longer fits."""
+    from types import SimpleNamespace
+
+    from megatron_distill import onpolicy
+    from megatron_distill.config import RolloutConfig
+    from megatron_distill.data.chat import ChatBatches
+    from megatron_distill.data.privileged import context_ids, teacher_view
+    from megatron_distill.data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer("HuggingFaceTokenizer", str(make_tiny_tokenizer(tmp_path / "tok")))
+    words = "the cat sat on a mat and the dog ran under the tree".split()
+    rows = []
+    for i in range(8):
+        row = {"prompt": " ".join(words[i % 6: i % 6 + 3]), "response": " ".join(words[i % 4: i % 4 + 2]),
+               "reference": str(i)}
+        if i % 2:
+            row["privileged_context"] = " ".join((words * 3)[i: i + 2 + 2 * i])  # 4..16 words
+        rows.append(row)
+    template = "answer {context} please"
+    seq = 24
+    path = write_rows(tmp_path / "rows.jsonl", rows)
+
+    def source():
+        return ChatBatches(path, tok, seq_length=seq, global_batch_size=8, micro_batch_size=4, seed=0,
+                           privileged_template=template)
+
+    plain_meta = [m for b in source().get(0) for m in b["meta"]]
+    data = source()
+
+    vocab_ids = tok.convert_tokens_to_ids(words)
+    monkeypatch.setattr(onpolicy, "generate", _stub_generate(vocab_ids, tok.eos_token_id))
+    monkeypatch.setattr(onpolicy.OnPolicyData, "_record", lambda self, seconds: None)  # its all-reduce
+    model = SimpleNamespace(position_embedding_type="rope", max_sequence_length=64)
+    engine = SimpleNamespace(pg=SimpleNamespace(dp=_Group(), tp=_Group(), pp=_Group()),
+                             stage=SimpleNamespace(student=model, teacher=None),
+                             cfg=SimpleNamespace(student=SimpleNamespace(vocab_size=len(tok))))
+    cfg = RolloutConfig(on_policy_fraction=1.0, rollouts_per_prompt=2, max_new_tokens=7)
+    wrapped = onpolicy.OnPolicyData(data, engine, tok, cfg, device=torch.device("cpu"))
+    batches = wrapped.get(0)
+
+    meta = [m for b in batches for m in b["meta"]]
+    (rollout,) = wrapped.last_rollouts
+    assert sorted(rollout.slots) == list(range(8))
+    cut = 0
+    with_context = []
+    for r, slot in enumerate(rollout.slots):
+        first = plain_meta[slot - slot % 2]
+        assert meta[slot]["reference"] == first["reference"] and meta[slot]["rollout"] == "student"
+        block = context_ids(tok, template, first["privileged_context"]) if first["privileged_context"] else []
+        assert meta[slot]["context_ids"] == block
+        with_context.append(bool(block))
+        mb, j = batches[slot // 4], slot % 4
+        n = int(rollout.output.lengths[r])
+        full = rollout.output.tokens[r, :n]
+        want, offset = teacher_view(full, block, tok.bos_token_id)
+        want = want[:-1][:seq]
+        assert torch.equal(mb["teacher_tokens"][j, : want.numel()], want)
+        # Loss positions: the generated tokens whose teacher position fits in the row.
+        generated = rollout.output.response_mask[r, 1:n].nonzero().flatten()
+        kept = generated[generated + offset < seq]
+        cut += generated.numel() - kept.numel()
+        assert mb["loss_mask"][j].nonzero().flatten().tolist() == kept.tolist()
+    assert cut > 0, "no teacher view ran past --seq-length: the truncation rule is untested"
+    assert any(with_context) and not all(with_context)
+    _check_alignment(batches, with_context)
+
+
+def test_on_policy_self_distillation_layouts_agree(setup, self_data, peaky_student):  # noqa: F811
+    """Student rollouts scored by the privileged self-teacher, through the engine: TP=2 equals TP=1
+    (self-frozen, 2 iterations), PP=2 self-live equals TP=1 self-frozen at step 0."""
+    on = ("--on-policy-fraction", "1.0", "--rollout-max-new-tokens", "6", "--rollout-temperature", "1.0")
+    tp1 = _self_run(setup, self_data, peaky_student, "self-frozen", 1, *on, iters=2)
+    tp2 = _self_run(setup, self_data, peaky_student, "self-frozen", 2, "--tensor-model-parallel-size", "2", *on,
+                    iters=2)
+    pp2 = _self_run(setup, self_data, peaky_student, "self-live", 2, "--pipeline-model-parallel-size", "2", *on,
+                    iters=1)
+    assert tp1[0] > 1e-3, "the privileged context changes nothing: the test would prove nothing"
+    torch.testing.assert_close(tp2, tp1, rtol=1e-5, atol=0)
+    torch.testing.assert_close(pp2[0], tp1[0], rtol=1e-5, atol=0)

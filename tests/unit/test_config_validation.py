@@ -331,7 +331,10 @@ def test_rollout_combination_rules():
     fails(make(data={**CHAT, "pack_sequences": True}, rollout=on), "cannot be combined with --pack-sequences")
     fails(make(data=CHAT, checkpoint={"teacher_remote": "http://t:1"}, loss={"topk": 8}, rollout=on),
           "--teacher-remote is not supported with rollouts")
-    fails(make(data=CHAT, checkpoint={"teacher_mode": "self-live"}, rollout=on), "privileged-context")
+    # Privileged-context self-distillation takes the student's rollouts, not teacher-generated ones.
+    validate(make(data=CHAT, checkpoint={"teacher_mode": "self-live"}, rollout=on), WORLD)
+    fails(make(data=CHAT, checkpoint={"teacher_mode": "self-frozen"}, rollout={"seq_kd": True}),
+          "--seq-kd with privileged-context self-distillation")
     # WORLD 8 at TP2 x PP2: DP 2, 4 samples per DP rank.
     fails(make(data=CHAT, rollout={**on, "rollouts_per_prompt": 3}),
           re.escape("--global-batch-size / data-parallel size (4) must be a multiple of --rollouts-per-prompt (3)"))
