@@ -27,8 +27,10 @@ def _rollout_part(extra: dict) -> str:
     if "rollout_mean_response_length" in extra:
         text += (f", len {extra['rollout_mean_response_length']:.1f}, "
                  f"trunc {extra['rollout_truncated_fraction']:.2f}")
-    if "kd_loss_on_policy" in extra:
-        text += f", kd on/off {extra['kd_loss_on_policy']:.4f}/{extra['kd_loss_off_policy']:.4f}"
+    # A part is absent when the batch has none of its tokens (lambda 1: no off-policy part).
+    parts = [f"{extra[k]:.4f}" if k in extra else "-" for k in ("kd_loss_on_policy", "kd_loss_off_policy")]
+    if parts != ["-", "-"]:
+        text += f", kd on/off {parts[0]}/{parts[1]}"
     if "reward_mean" in extra:
         text += f", reward {extra['reward_mean']:.3f}"
     return text
