@@ -64,6 +64,15 @@ SCALES = {
         teacher_iters=300, teacher_lr=3e-3, student_iters=60, student_lr=3e-3, segments=2,
         global_batch=16, micro_batch=16, bf16=False, device="cpu", eval_batch=48,
     ),
+    # Two cores, about an hour: a smaller task (two operators) and models; checks the benchmark's
+    # design where no GPU is lent (results say which device ran them).
+    "cpu": dict(
+        n_train=4400, n_eval=300, seq_length=112, num_ops=2,
+        teacher=dict(layers=4, hidden=128, heads=4, kv_heads=2, ffn=384),
+        student=dict(layers=4, hidden=64, heads=2, kv_heads=1, ffn=192),
+        teacher_iters=800, teacher_lr=2e-3, student_iters=300, student_lr=2e-3, segments=3,
+        global_batch=32, micro_batch=32, bf16=False, device="cpu", eval_batch=300,
+    ),
     "h100": dict(
         n_train=50000, n_eval=500, seq_length=144,
         teacher=dict(layers=6, hidden=384, heads=6, kv_heads=2, ffn=1024),
@@ -255,7 +264,8 @@ def main() -> None:
     work = out / "work"
     t_start = time.time()
 
-    train, held_out = task.make_splits(sc["n_train"], sc["n_eval"], args.seed)
+    num_ops = sc.get("num_ops", task.NUM_OPS)
+    train, held_out = task.make_splits(sc["n_train"], sc["n_eval"], args.seed, num_ops)
     data = out / "train.jsonl"
     data.write_text("".join(json.dumps({k: r[k] for k in ("prompt", "response", "reference",
                                                              "privileged_context")}) + "\n" for r in train))
@@ -281,7 +291,7 @@ def main() -> None:
         "benchmark": "quality", "scale": args.scale, "sizes": sc, "date_utc": date.isoformat(timespec="seconds"),
         "device": device_name(), "versions": versions(), "seed": args.seed,
         "task": {"n_train": len(train), "n_held_out": len(held_out), "max_operand": task.MAX_OPERAND,
-                 "num_ops": task.NUM_OPS, "vocab_size": vocab, "example": train[0]},
+                 "num_ops": num_ops, "vocab_size": vocab, "example": train[0]},
         "params": {"teacher": t_params, "student": s_params},
         "settings": {"kd_ce_weight": KD_CE_WEIGHT, "on_policy_fraction": ON_POLICY_FRACTION,
                      "max_new_tokens_eval": MAX_NEW_TOKENS, "gkd_flags_available": has_gkd},

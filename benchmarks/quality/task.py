@@ -53,11 +53,12 @@ def solve(operands: list[int], ops: list[str]) -> tuple[list[str], int] | None:
     return steps, vals[0]
 
 
-def make_problem(rng: random.Random) -> dict[str, Any]:
-    """One random problem as a data row (prompt, response, reference, privileged_context, expression)."""
+def make_problem(rng: random.Random, num_ops: int = NUM_OPS) -> dict[str, Any]:
+    """One random problem of ``num_ops`` operators as a data row (prompt, response, reference,
+    privileged_context, expression)."""
     while True:
-        operands = [rng.randint(1, MAX_OPERAND) for _ in range(NUM_OPS + 1)]
-        ops = [rng.choice(OPS) for _ in range(NUM_OPS)]
+        operands = [rng.randint(1, MAX_OPERAND) for _ in range(num_ops + 1)]
+        ops = [rng.choice(OPS) for _ in range(num_ops)]
         solved = solve(operands, ops)
         if solved is not None:
             break
@@ -68,13 +69,18 @@ def make_problem(rng: random.Random) -> dict[str, Any]:
             "privileged_context": solution, "expression": expr}
 
 
-def make_splits(n_train: int, n_eval: int, seed: int) -> tuple[list[dict], list[dict]]:
-    """Disjoint (by expression) train and held-out rows, drawn from ``seed``."""
+def make_splits(n_train: int, n_eval: int, seed: int, num_ops: int = NUM_OPS) -> tuple[list[dict], list[dict]]:
+    """Disjoint (by expression) train and held-out rows of ``num_ops`` operators, drawn from ``seed``."""
     rng = random.Random(seed)
     seen: set[str] = set()
     rows: list[dict] = []
+    attempts = 0
     while len(rows) < n_train + n_eval:
-        row = make_problem(rng)
+        attempts += 1
+        if attempts > 100 * (n_train + n_eval):  # far fewer distinct problems exist than asked for
+            raise ValueError(f"only {len(rows)} distinct {num_ops}-operator problems found, "
+                             f"{n_train} + {n_eval} asked for")
+        row = make_problem(rng, num_ops)
         if row["expression"] not in seen:
             seen.add(row["expression"])
             rows.append(row)

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import torch
 
 from megatron_distill.losses.kernels import distill_elementwise as ew
+from megatron_distill.losses.output_layer_grads import OutputLayerGrads, counted_tokens, rows, scale_saved_grads
 from megatron_distill.losses.reference import check_loss_args
 from megatron_distill.losses.tp_collectives import (
     ProcessGroup,
@@ -42,7 +43,6 @@ from megatron_distill.losses.tp_collectives import (
     all_reduce_max_,
     all_reduce_sum_,
     group_size,
-    reduce_scatter_dim0,
 )
 
 IMPL_ENV = "MEGATRON_DISTILL_FUSED_IMPL"
@@ -130,10 +130,6 @@ def plan_chunks(
     return chunk, min(teacher_rows, chunk)
 
 
-def _rows(t: torch.Tensor, idx: torch.Tensor | None, r0: int, r1: int) -> torch.Tensor:
-    return t[r0:r1] if idx is None else t.index_select(0, idx[r0:r1])
-
-
 def _reduce_stats_(stats: torch.Tensor, temperature: float, group: ProcessGroup) -> None:
     """Turn each rank's per-row (max, sum-exp) ``[5, 1, rows]`` into the global ones."""
     m_local = stats[:2].clone()
@@ -175,21 +171,6 @@ def _single_pass(cfg: _Config) -> bool:
     return cfg.impl == "triton" and group_size(cfg.tp_group) == 1 and bool(ew.KERNEL_CONFIG["single_pass"])
 
 
-def _accumulate_weight_grad(grad_w, dz, h, first: bool) -> None:
-    if grad_w.dtype == dz.dtype:
-        # cuBLAS accumulates in fp32 within the call; one rounding per chunk
-        if first:
-            torch.mm(dz.t(), h, out=grad_w)
-        else:
-            grad_w.addmm_(dz.t(), h)
-    elif grad_w.is_cuda:
-        # bf16 operands, fp32 accumulator: no fp32 copy of dz needed (torch >= 2.8)
-        torch.addmm(grad_w, dz.t(), h, beta=0.0 if first else 1.0, out_dtype=torch.float32, out=grad_w)
-    else:
-        part = torch.mm(dz.t(), h).float()
-        grad_w.copy_(part) if first else grad_w.add_(part)
-
-
 def _fused_forward(hs, ws, ht, wt, loss_mask, cfg: _Config, need_gh: bool, need_gw: bool):
     """Loss (fp32 scalar) and the full gradients wrt ``hs`` / ``ws`` (None where not needed)."""
     group = cfg.tp_group
@@ -197,27 +178,10 @@ def _fused_forward(hs, ws, ht, wt, loss_mask, cfg: _Config, need_gh: bool, need_
     if cfg.sequence_parallel:
         hs = all_gather_dim0(hs, group)
         ht = all_gather_dim0(ht, group)
-    n_tokens = hs.shape[0]
-    idx = None
-    n = n_tokens
-    if loss_mask is not None:
-        keep = loss_mask.reshape(-1) != 0
-        if keep.shape[0] != n_tokens:
-            raise ValueError(f"loss_mask has {keep.shape[0]} tokens, the hidden states {n_tokens}")
-        idx = keep.nonzero().squeeze(1)
-        n = idx.numel()
-        if n == n_tokens:
-            idx = None
+    idx, n = counted_tokens(loss_mask, hs.shape[0])
     grad_scale = 1.0 / max(n, 1) if cfg.reduction == "mean" else 1.0
     v_local = ws.shape[0]
-
-    alloc_gh = torch.zeros if idx is not None or n == 0 else torch.empty
-    grad_h = alloc_gh(hs.shape, dtype=hs.dtype, device=device) if need_gh else None
-    grad_w = None
-    if need_gw:
-        w_dtype = torch.float32 if cfg.fp32_weight_grad else ws.dtype
-        # the first chunk overwrites it (beta = 0): no memset of a [V_local, h_s] tensor
-        grad_w = (torch.empty if n > 0 else torch.zeros)(ws.shape, dtype=w_dtype, device=device)
+    grads = OutputLayerGrads(hs, ws, idx, n, need_gh, need_gw, cfg.fp32_weight_grad)
     chunk, teacher_chunk = plan_chunks(
         n, v_local, ws.shape[1], ws.element_size(), device, cfg.chunk_tokens, cfg.teacher_chunk_tokens
     )
@@ -233,47 +197,23 @@ def _fused_forward(hs, ws, ht, wt, loss_mask, cfg: _Config, need_gh: bool, need_
         buf_t = torch.empty((teacher_chunk, v_local), dtype=wt.dtype, device=device)
     for c0 in range(0, n, chunk):
         c1 = min(c0 + chunk, n)
-        hs_c = _rows(hs, idx, c0, c1)
+        hs_c = rows(hs, idx, c0, c1)
         zs = buf_s[: c1 - c0]
         torch.mm(hs_c, ws.t(), out=zs)
         for t0 in range(0, c1 - c0, teacher_chunk):
             t1 = min(t0 + teacher_chunk, c1 - c0)
             zt = buf_t[: t1 - t0]
-            torch.mm(_rows(ht, idx, c0 + t0, c0 + t1), wt.t(), out=zt)
+            torch.mm(rows(ht, idx, c0 + t0, c0 + t1), wt.t(), out=zt)
             loss_out = loss_parts[:, c0 + t0 : c0 + t1]
             if single:
                 kw = dict(kind=cfg.kind, beta=cfg.beta, temperature=cfg.temperature, impl=cfg.impl)
                 ew.single_pass_loss_grad_(zs[t0:t1], zt, loss_out, grad_scale=grad_scale, **kw)
             else:
                 _loss_grad_(zs[t0:t1], zt, loss_out, cfg, grad_scale)
-        if need_gh:
-            if idx is None:
-                torch.mm(zs, ws, out=grad_h[c0:c1])
-            else:
-                grad_h.index_copy_(0, idx[c0:c1], zs @ ws)
-        if need_gw:
-            _accumulate_weight_grad(grad_w, zs, hs_c, first=c0 == 0)
+        grads.add(zs, hs_c, c0, c1)  # zs now holds dL/dz
 
     loss = all_reduce_sum_(loss_parts.sum(), group) * grad_scale
-    if need_gh:
-        # each rank holds dz for its vocab shard only: the hidden's gradient is the sum
-        if cfg.sequence_parallel:
-            grad_h = reduce_scatter_dim0(grad_h, group)
-        else:
-            grad_h = all_reduce_sum_(grad_h, group)
-    if grad_w is not None and grad_w.dtype != ws.dtype:
-        grad_w = grad_w.to(ws.dtype)
-    return loss, grad_h, grad_w
-
-
-def scale_saved_grads(ctx, grad_output: torch.Tensor) -> tuple:
-    """Backward of a loss whose forward stored ``(grad_hidden, grad_weight)``: scale them by ``grad_output``."""
-    grad_h, grad_w = ctx.saved_tensors
-    # the common case (loss.backward() on this loss alone) needs no pass over grad_W
-    if bool(grad_output.ne(1.0)):
-        grad_h = None if grad_h is None else grad_h * grad_output.to(grad_h.dtype)
-        grad_w = None if grad_w is None else grad_w * grad_output.to(grad_w.dtype)
-    return grad_h, grad_w
+    return (loss, *grads.finish(group, cfg.sequence_parallel))
 
 
 class FusedLinearDistillFunction(torch.autograd.Function):

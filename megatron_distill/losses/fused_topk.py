@@ -44,7 +44,8 @@ from dataclasses import dataclass
 
 import torch
 
-from megatron_distill.losses.fused import REDUCTIONS, _accumulate_weight_grad, _rows, plan_chunks, scale_saved_grads
+from megatron_distill.losses.fused import REDUCTIONS, plan_chunks
+from megatron_distill.losses.output_layer_grads import OutputLayerGrads, counted_tokens, rows, scale_saved_grads
 from megatron_distill.losses.reference import check_loss_args
 from megatron_distill.losses.topk import check_topk_args
 from megatron_distill.losses.tp_collectives import (
@@ -53,7 +54,6 @@ from megatron_distill.losses.tp_collectives import (
     all_reduce_max_,
     all_reduce_sum_,
     group_size,
-    reduce_scatter_dim0,
 )
 
 
@@ -143,49 +143,23 @@ def _fused_topk_forward(hs, ws, ids, logp, loss_mask, cfg: _TopkConfig, need_gh:
     group, device = cfg.tp_group, hs.device
     if cfg.sequence_parallel:
         hs = all_gather_dim0(hs, group)
-    n_tokens = hs.shape[0]
-    if ids.shape[0] != n_tokens:
-        raise ValueError(f"the teacher top-k tensors have {ids.shape[0]} tokens, the hidden states {n_tokens}")
-    idx, n = None, n_tokens
-    if loss_mask is not None:
-        keep = loss_mask.reshape(-1) != 0
-        if keep.shape[0] != n_tokens:
-            raise ValueError(f"loss_mask has {keep.shape[0]} tokens, the hidden states {n_tokens}")
-        idx = keep.nonzero().squeeze(1)
-        n = idx.numel()
-        if n == n_tokens:
-            idx = None
+    if ids.shape[0] != hs.shape[0]:
+        raise ValueError(f"the teacher top-k tensors have {ids.shape[0]} tokens, the hidden states {hs.shape[0]}")
+    idx, n = counted_tokens(loss_mask, hs.shape[0])
     grad_scale = 1.0 / max(n, 1) if cfg.reduction == "mean" else 1.0
-    v_local = ws.shape[0]
-    grad_h = None
-    if need_gh:
-        grad_h = (torch.zeros if idx is not None or n == 0 else torch.empty)(hs.shape, dtype=hs.dtype, device=device)
-    grad_w = None
-    if need_gw:
-        w_dtype = torch.float32 if cfg.fp32_weight_grad else ws.dtype
-        grad_w = (torch.empty if n > 0 else torch.zeros)(ws.shape, dtype=w_dtype, device=device)
-    chunk, _ = plan_chunks(n, v_local, ws.shape[1], ws.element_size(), device, cfg.chunk_tokens)
+    grads = OutputLayerGrads(hs, ws, idx, n, need_gh, need_gw, cfg.fp32_weight_grad)
+    chunk, _ = plan_chunks(n, ws.shape[0], ws.shape[1], ws.element_size(), device, cfg.chunk_tokens)
     loss_rows = torch.zeros(n, dtype=torch.promote_types(hs.dtype, torch.float32), device=device)
-    buf_s = torch.empty((chunk, v_local), dtype=ws.dtype, device=device) if n > 0 else None
+    buf_s = torch.empty((chunk, ws.shape[0]), dtype=ws.dtype, device=device) if n > 0 else None
     for c0 in range(0, n, chunk):
         c1 = min(c0 + chunk, n)
-        hs_c = _rows(hs, idx, c0, c1)
+        hs_c = rows(hs, idx, c0, c1)
         zs = buf_s[: c1 - c0]
         torch.mm(hs_c, ws.t(), out=zs)
-        loss_rows[c0:c1] = _chunk_loss_grad_(zs, _rows(ids, idx, c0, c1), _rows(logp, idx, c0, c1), cfg, grad_scale)
-        if need_gh:
-            if idx is None:
-                torch.mm(zs, ws, out=grad_h[c0:c1])
-            else:
-                grad_h.index_copy_(0, idx[c0:c1], zs @ ws)
-        if need_gw:
-            _accumulate_weight_grad(grad_w, zs, hs_c, first=c0 == 0)
+        loss_rows[c0:c1] = _chunk_loss_grad_(zs, rows(ids, idx, c0, c1), rows(logp, idx, c0, c1), cfg, grad_scale)
+        grads.add(zs, hs_c, c0, c1)  # zs now holds dL/dz
     loss = (loss_rows.sum() * grad_scale).float()
-    if need_gh:
-        grad_h = reduce_scatter_dim0(grad_h, group) if cfg.sequence_parallel else all_reduce_sum_(grad_h, group)
-    if grad_w is not None and grad_w.dtype != ws.dtype:
-        grad_w = grad_w.to(ws.dtype)
-    return loss, grad_h, grad_w
+    return (loss, *grads.finish(group, cfg.sequence_parallel))
 
 
 class FusedLinearTopkDistillFunction(torch.autograd.Function):

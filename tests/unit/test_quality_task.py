@@ -72,3 +72,10 @@ def test_exact_match_recognises_answer_format(splits):
         wrong = row["response"].rsplit(" ", 1)[0] + f" {int(row['reference']) + 1}"
         assert exact_match_reward(row["prompt"], wrong, row["reference"]) == 0.0
         assert exact_match_reward(row["prompt"], "", row["reference"]) == 0.0
+
+
+def test_two_operator_problems_and_an_impossible_split(task):
+    train, held_out = task.make_splits(200, 50, seed=1, num_ops=2)
+    assert all(r["expression"].count(" ") == 4 for r in [*train, *held_out])  # a o b o c
+    with pytest.raises(ValueError, match="distinct 2-operator problems"):
+        task.make_splits(6000, 0, seed=1, num_ops=2)  # fewer than 4,900 exist

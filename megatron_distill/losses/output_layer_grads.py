@@ -1,0 +1,99 @@
+"""What the chunked output-layer losses (fused.py, fused_topk.py) share around their element-wise step.
+
+Both losses walk the counted tokens in chunks: logits ``z = h W^T`` for a chunk, an element-wise
+step that overwrites ``z`` with ``dL/dz`` in place, then ``dL/dh = dz W`` and ``dL/dW += dz^T h``.
+This module holds the token compaction (masked tokens cost nothing), the gradient buffers and
+their accumulation, the closing TP reduction, and the backward that only scales what the
+forward stored.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from megatron_distill.losses.tp_collectives import ProcessGroup, all_reduce_sum_, reduce_scatter_dim0
+
+
+def counted_tokens(loss_mask: torch.Tensor | None, n_tokens: int) -> tuple[torch.Tensor | None, int]:
+    """The indices ``[n]`` of the tokens with a nonzero ``loss_mask`` (None when all ``n_tokens``
+    count), and ``n``. ``loss_mask`` has ``n_tokens`` elements in any shape."""
+    if loss_mask is None:
+        return None, n_tokens
+    keep = loss_mask.reshape(-1) != 0
+    if keep.shape[0] != n_tokens:
+        raise ValueError(f"loss_mask has {keep.shape[0]} tokens, the hidden states {n_tokens}")
+    idx = keep.nonzero().squeeze(1)
+    n = idx.numel()
+    return (None, n) if n == n_tokens else (idx, n)
+
+
+def rows(t: torch.Tensor, idx: torch.Tensor | None, r0: int, r1: int) -> torch.Tensor:
+    """Rows ``r0:r1`` of the counted tokens of ``t`` ``[T, ...]`` (``idx`` from ``counted_tokens``)."""
+    return t[r0:r1] if idx is None else t.index_select(0, idx[r0:r1])
+
+
+def _accumulate_weight_grad(grad_w: torch.Tensor, dz: torch.Tensor, h: torch.Tensor, first: bool) -> None:
+    if grad_w.dtype == dz.dtype:
+        # cuBLAS accumulates in fp32 within the call; one rounding per chunk
+        if first:
+            torch.mm(dz.t(), h, out=grad_w)
+        else:
+            grad_w.addmm_(dz.t(), h)
+    elif grad_w.is_cuda:
+        # bf16 operands, fp32 accumulator: no fp32 copy of dz needed (torch >= 2.8)
+        torch.addmm(grad_w, dz.t(), h, beta=0.0 if first else 1.0, out_dtype=torch.float32, out=grad_w)
+    else:
+        part = torch.mm(dz.t(), h).float()
+        grad_w.copy_(part) if first else grad_w.add_(part)
+
+
+class OutputLayerGrads:
+    """The gradients wrt the hidden states ``hs`` ``[T, h]`` and this rank's weight shard ``ws``
+    ``[V_local, h]``, accumulated chunk by chunk over the ``n`` counted tokens (rows ``idx``).
+
+    ``fp32_weight_grad`` keeps the weight gradient in fp32 until ``finish`` casts it back.
+    """
+
+    def __init__(self, hs: torch.Tensor, ws: torch.Tensor, idx: torch.Tensor | None, n: int, need_gh: bool,
+                 need_gw: bool, fp32_weight_grad: bool = False):
+        self.ws, self.idx = ws, idx
+        # uncounted rows get no gradient: zeros unless every row is written
+        alloc_gh = torch.zeros if idx is not None or n == 0 else torch.empty
+        self.grad_h = alloc_gh(hs.shape, dtype=hs.dtype, device=hs.device) if need_gh else None
+        self.grad_w = None
+        if need_gw:
+            w_dtype = torch.float32 if fp32_weight_grad else ws.dtype
+            # the first chunk overwrites it (beta = 0): no memset of a [V_local, h] tensor
+            self.grad_w = (torch.empty if n > 0 else torch.zeros)(ws.shape, dtype=w_dtype, device=hs.device)
+
+    def add(self, dz: torch.Tensor, hs_chunk: torch.Tensor, c0: int, c1: int) -> None:
+        """Add counted rows ``c0:c1``'s share: ``dz`` ``[c1 - c0, V_local]`` = dL/dz, ``hs_chunk``
+        ``[c1 - c0, h]`` their hidden states."""
+        if self.grad_h is not None:
+            if self.idx is None:
+                torch.mm(dz, self.ws, out=self.grad_h[c0:c1])
+            else:
+                self.grad_h.index_copy_(0, self.idx[c0:c1], dz @ self.ws)
+        if self.grad_w is not None:
+            _accumulate_weight_grad(self.grad_w, dz, hs_chunk, first=c0 == 0)
+
+    def finish(self, group: ProcessGroup, sequence_parallel: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """``(grad_h, grad_w)``: each rank holds dz for its vocab shard only, so the hidden states'
+        gradient is summed over ``group`` (reduce-scattered back to this rank's block with
+        ``sequence_parallel``); the weight gradient in the weight's dtype."""
+        grad_h, grad_w = self.grad_h, self.grad_w
+        if grad_h is not None:
+            grad_h = reduce_scatter_dim0(grad_h, group) if sequence_parallel else all_reduce_sum_(grad_h, group)
+        if grad_w is not None and grad_w.dtype != self.ws.dtype:
+            grad_w = grad_w.to(self.ws.dtype)
+        return grad_h, grad_w
+
+
+def scale_saved_grads(ctx, grad_output: torch.Tensor) -> tuple:
+    """Backward of a loss whose forward stored ``(grad_hidden, grad_weight)``: scale them by ``grad_output``."""
+    grad_h, grad_w = ctx.saved_tensors
+    # the common case (loss.backward() on this loss alone) needs no pass over grad_W
+    if bool(grad_output.ne(1.0)):
+        grad_h = None if grad_h is None else grad_h * grad_output.to(grad_h.dtype)
+        grad_w = None if grad_w is None else grad_w * grad_output.to(grad_w.dtype)
+    return grad_h, grad_w
