@@ -18,9 +18,7 @@ over the GPU's dense bf16 peak (--peak-tflops, default 989 for an H100 SXM).
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
-import json
 import os
 import statistics
 import sys
@@ -30,6 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
+from run_record import run_header, write_record  # noqa: E402  (benchmarks/, the script's directory)
 
 from megatron_distill.config import (  # noqa: E402
     DistillConfig,
@@ -220,16 +219,8 @@ def main() -> None:
             gc.collect()
             torch.cuda.empty_cache()
     if dist.get_rank() == 0:
-        import megatron.core
-
         record = {
-            "benchmark": "e2e",
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "device": torch.cuda.get_device_name() if ctx.is_cuda else "cpu",
-            "world_size": world,
-            "versions": {"torch": torch.__version__, "cuda": torch.version.cuda,
-                         "megatron_core": megatron.core.__version__, "python": sys.version.split()[0]},
-            "command": " ".join(sys.argv),
+            **run_header("e2e", world),
             "preset": args.preset,
             "student": asdict(cfg.student),
             "teacher": asdict(cfg.teacher),
@@ -251,10 +242,7 @@ def main() -> None:
                 print(f"| {r['mode']} | {r['median_iteration_seconds'] * 1e3:.1f} | "
                       f"{r['tokens_per_sec_per_gpu']:,.0f} | {r['mfu'] * 100:.1f}% | "
                       f"{'-' if peak is None else f'{peak:.1f}'} |")
-        if args.out:
-            os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-            with open(args.out, "w") as f:
-                json.dump(record, f, indent=1)
+        write_record(args.out, record)
     dist.barrier()
     dist.destroy_process_group()
 

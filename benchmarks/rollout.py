@@ -25,7 +25,6 @@ exactly ``--max-new-tokens`` tokens (the worst case of a static batch, and a fix
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import statistics
@@ -37,6 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
+from run_record import run_header, write_record  # noqa: E402  (benchmarks/, the script's directory)
 
 from benchmarks.e2e import PRESETS  # noqa: E402
 from megatron_distill.config import (  # noqa: E402
@@ -235,16 +235,8 @@ def main() -> None:
         results["gkd"] = bench_gkd(engine, cfg, args, pg, ctx.device)
         results["gkd"]["loss_path"] = "fused" if output_mode == "hidden" else "reference"
     if dist.get_rank() == 0:
-        import megatron.core
-
         record = {
-            "benchmark": "rollout",
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "device": torch.cuda.get_device_name() if ctx.is_cuda else "cpu",
-            "world_size": world,
-            "versions": {"torch": torch.__version__, "cuda": torch.version.cuda,
-                         "megatron_core": megatron.core.__version__, "python": sys.version.split()[0]},
-            "command": " ".join(sys.argv),
+            **run_header("rollout", world),
             "preset": args.preset, "args": vars(args),
             "student": asdict(cfg.student), "teacher": asdict(cfg.teacher),
             "layout": {"tp": args.tp, "pp": args.pp, "dp": cfg.data_parallel_size(world)},
@@ -262,10 +254,7 @@ def main() -> None:
                   f"{g['train_seconds_median']:.2f}s (fwd+bwd {g['forward_backward_seconds_median']:.2f}s, "
                   f"optimizer {g['optimizer_seconds_median']:.2f}s)")
         print(json.dumps(results, indent=1))
-        if args.out:
-            os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-            with open(args.out, "w") as f:
-                json.dump(record, f, indent=1)
+        write_record(args.out, record)
     dist.barrier()
     dist.destroy_process_group()
 
