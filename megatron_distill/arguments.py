@@ -29,6 +29,7 @@ from megatron_distill.config import (
     LR_DECAY_STYLES,
     NORMALIZATIONS,
     POSITION_EMBEDDINGS,
+    ROLLOUT_BACKENDS,
     TRANSFORMER_IMPLS,
     CheckpointConfig,
     ConfigError,
@@ -578,6 +579,11 @@ _ROLLOUT_FIELDS = {
     "rollouts_per_prompt": "rollouts_per_prompt",
     "rl_loss_weight": "rl_loss_weight",
     "reward_fn": "reward_fn",
+    "rollout_backend": "backend",
+    "sglang_url": "sglang_url",
+    "sglang_weights_dir": "sglang_weights_dir",
+    "sglang_sync_interval": "sglang_sync_interval",
+    "sglang_timeout_s": "sglang_timeout_s",
 }
 
 _ROLLOUT_FLAGS: tuple[_Flag, ...] = (
@@ -637,6 +643,48 @@ _ROLLOUT_FLAGS: tuple[_Flag, ...] = (
         "decoded texts (reference: the row's 'reference' field, '' when absent).",
         None,
         "MODULE:FN",
+    ),
+    _Flag(
+        "rollout_backend",
+        str,
+        _r("backend"),
+        "Who generates the student's rollouts: megatron (in place, under the training layout) or sglang (an "
+        "sglang server at --sglang-url, loading the student exported to --sglang-weights-dir; teacher rollouts "
+        "of --seq-kd stay in place). Checked against a stand-in server only (README).",
+        ROLLOUT_BACKENDS,
+    ),
+    _Flag(
+        "sglang_url",
+        str,
+        _r("sglang_url"),
+        "http://HOST:PORT of the sglang server serving the student (native /generate and "
+        "/update_weights_from_disk); an --api-key of the server is read from $MEGATRON_DISTILL_SGLANG_API_KEY.",
+        None,
+        "URL",
+    ),
+    _Flag(
+        "sglang_weights_dir",
+        str,
+        _r("sglang_weights_dir"),
+        "Directory the engine exports the student to (step_NNNNNNN, Hugging Face format, the two newest kept) "
+        "for the sglang server to load: must be readable by the server at the same path.",
+        None,
+        "DIR",
+    ),
+    _Flag(
+        "sglang_sync_interval",
+        int,
+        _r("sglang_sync_interval"),
+        "Export the student and update the sglang server's weights every N iterations (1: every rollout comes "
+        "from the current weights; N > 1: up to N - 1 optimizer steps stale).",
+    ),
+    _Flag(
+        "sglang_timeout_s",
+        float,
+        _r("sglang_timeout_s"),
+        "Seconds per HTTP attempt to the sglang server (a whole rollout batch must be generated within it); "
+        "connection errors, timeouts and 5xx answers are retried 3 times with backoff. 4 x this must stay below "
+        "--distributed-timeout-minutes (the other ranks wait in a collective meanwhile).",
     ),
 )
 

@@ -33,6 +33,8 @@ def _rollout_part(extra: dict) -> str:
         text += f", kd on/off {parts[0]}/{parts[1]}"
     if "reward_mean" in extra:
         text += f", reward {extra['reward_mean']:.3f}"
+    if extra.get("weight_sync_seconds"):  # sglang backend, on iterations that exported the student
+        text += f", sync {extra['weight_sync_seconds']:.2f}s"
     return text
 
 

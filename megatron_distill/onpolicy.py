@@ -12,7 +12,10 @@ before iteration ``i + 1`` trains, so rollouts always come from the student's cu
    generated the same way by the teacher; otherwise they keep the dataset's responses;
 3. generates in place (``rollout/generate.py``) with the student's (teacher's) stage under the
    training TP x PP layout: every rank of this DP group calls ``generate`` with the same prompts
-   and gets the same tokens;
+   and gets the same tokens. With ``--rollout-backend sglang`` the student's rollouts come from an
+   sglang server instead (``rollout/sglang_rollout.py``: the student is exported and loaded by the
+   server every ``--sglang-sync-interval`` iterations, then the DP group's first model-parallel
+   rank sends the prompts and broadcasts the answers); ``--seq-kd``'s teacher rollouts stay in place;
 4. with the RL term, decodes prompt and response (identically on every rank), calls the reward
    function and turns the rewards into group-baseline advantages (``rollout/rl.py``);
 5. rebuilds the micro-batches: ``tokens`` = prompt + response (inputs), ``labels`` shifted by one,
@@ -44,6 +47,7 @@ from megatron_distill.config import RolloutConfig
 from megatron_distill.rollout.generate import GenerationOutput, generate
 from megatron_distill.rollout.rl import group_advantages, load_reward_fn
 from megatron_distill.rollout.sampling import SamplingParams
+from megatron_distill.rollout.sglang_rollout import SglangRollouts
 
 _MARKER = "MDISTILLMARKER"
 _TENSOR_KEYS = ("tokens", "labels", "loss_mask", "position_ids", "teacher_tokens", "teacher_position_ids",
@@ -123,11 +127,14 @@ class OnPolicyData:
     ``stage.student`` / ``stage.teacher`` generate); ``tokenizer``: the student tokenizer (stop
     tokens, decoding for the reward). ``reward_fn`` overrides ``rollout.reward_fn`` (tests).
     ``state_dict`` / ``load_state_dict`` are the wrapped source's (rollouts are a function of the
-    iteration and the weights, so a resumed run regenerates the same ones).
+    iteration and the weights, so a resumed run regenerates the same ones; with the sglang backend
+    only greedy ones: the server samples with its own RNG). ``sglang``: the sglang backend's
+    ``SglangRollouts`` (default: built from ``rollout`` when ``rollout.backend == "sglang"``).
     """
 
     def __init__(self, data: Any, engine: Any, tokenizer: Any, rollout: RolloutConfig, *,
-                 device: torch.device, reward_fn: Callable[[str, str, str], float] | None = None):
+                 device: torch.device, reward_fn: Callable[[str, str, str], float] | None = None,
+                 sglang: SglangRollouts | None = None):
         self.data, self.engine, self.tokenizer, self.cfg, self.device = data, engine, tokenizer, rollout, device
         self.dp_rank, self.dp_size = engine.pg.dp.rank(), engine.pg.dp.size()
         self.group_size = rollout.rollouts_per_prompt
@@ -137,6 +144,8 @@ class OnPolicyData:
             load_reward_fn(rollout.reward_fn) if self.rl else None)
         self.last_rollouts: list[Rollout] = []
         self._metrics: dict[str, float] = {}
+        self.sglang = sglang if sglang is not None or rollout.backend != "sglang" else SglangRollouts(
+            rollout, engine, device, stop_token_ids=self.stop_ids)
 
     # ------------------------------------------------------------------ data-source interface
 
@@ -149,6 +158,8 @@ class OnPolicyData:
     def get(self, index: int) -> list[dict]:
         """This DP rank's micro-batches of global batch ``index``, with generated responses."""
         start = time.perf_counter()
+        # Every rank, whatever its share of rollouts: the export is collective.
+        sync_seconds = self.sglang.maybe_sync(index) if self.sglang is not None else 0.0
         micro = self.data.get(index)
         samples = [(m, j) for m, mb in enumerate(micro) for j in range(mb["tokens"].shape[0])]
         n_local, n = len(samples), self.group_size
@@ -183,7 +194,7 @@ class OnPolicyData:
             b = mb["tokens"].shape[0]
             mb["on_policy"], mb["advantages"] = on_policy[offset:offset + b], advantages[offset:offset + b]
             offset += b
-        self._record(time.perf_counter() - start)
+        self._record(time.perf_counter() - start, sync_seconds)
         return micro
 
     def add_metrics(self, stats) -> None:
@@ -219,8 +230,13 @@ class OnPolicyData:
             top_k=self.cfg.top_k, top_p=self.cfg.top_p, stop_token_ids=self.stop_ids,
             seed=rollout_seed(self.cfg.seed, index, self.dp_rank, who == "teacher"),
         )
-        out = generate(model, batch.to(self.device), params, vocab_size=self.engine.cfg.student.vocab_size,
-                       pg=self.engine.pg, prompt_lengths=lengths.to(self.device), pad_token_id=pad)
+        vocab = self.engine.cfg.student.vocab_size
+        if who == "student" and self.sglang is not None:
+            out = self.sglang.generate(batch.to(self.device), lengths.to(self.device), params, vocab_size=vocab,
+                                       pad_token_id=pad)
+        else:
+            out = generate(model, batch.to(self.device), params, vocab_size=vocab, pg=self.engine.pg,
+                           prompt_lengths=lengths.to(self.device), pad_token_id=pad)
         return Rollout(who, slots, out)
 
     def _write(self, rollout: Rollout, micro: list[dict], samples: list[tuple[int, int]]) -> None:
@@ -278,7 +294,7 @@ class OnPolicyData:
             rewards.append(reward)
         return rewards
 
-    def _record(self, seconds: float) -> None:
+    def _record(self, seconds: float, sync_seconds: float = 0.0) -> None:
         """Global rollout metrics of this iteration (same on every rank; one all-reduce of each kind)."""
         local = torch.zeros(7, dtype=torch.float64)
         gen_seconds = 0.0
@@ -293,9 +309,9 @@ class OnPolicyData:
         sums = local.to(self.device)
         dist.all_reduce(sums)
         sums = (sums / (self.engine.pg.tp.size() * self.engine.pg.pp.size())).tolist()
-        times = torch.tensor([seconds, gen_seconds], dtype=torch.float64, device=self.device)
+        times = torch.tensor([seconds, gen_seconds, sync_seconds], dtype=torch.float64, device=self.device)
         dist.all_reduce(times, op=dist.ReduceOp.MAX)
-        seconds, gen_seconds = times.tolist()
+        seconds, gen_seconds, sync_seconds = times.tolist()
         rows, gen_tokens, truncated = sums[0] + sums[3], sums[1] + sums[4], sums[2] + sums[5]
         metrics = {"rollout_seconds": seconds, "generate_seconds": gen_seconds, "on_policy_samples": int(sums[0]),
                    "rollout_samples": int(rows), "rollout_tokens": int(gen_tokens),
@@ -305,4 +321,6 @@ class OnPolicyData:
             metrics["rollout_truncated_fraction"] = truncated / rows
         if self.rl and sums[0] > 0:
             metrics["reward_mean"] = sums[6] / sums[0]
+        if self.sglang is not None:  # export + server reload time (0 when no sync was due), in rollout_seconds
+            metrics["weight_sync_seconds"] = sync_seconds
         self._metrics = metrics

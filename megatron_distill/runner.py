@@ -206,6 +206,12 @@ def _on_policy(data, engine, tokenizer, cfg: DistillConfig, ctx: DeviceContext, 
     _print0(f"on-policy: fraction {ro.on_policy_fraction} student rollouts"
             f"{', the rest teacher-generated (--seq-kd)' if ro.seq_kd else ''}, {ro.rollouts_per_prompt} per prompt, "
             f"up to {ro.max_new_tokens} new tokens, {sampling}, stop ids {list(wrapped.stop_ids)}{rl}", stream)
+    if ro.backend == "sglang":
+        _print0(f"rollout backend: sglang server at {ro.sglang_url} (student rollouts; weights exported to "
+                f"{ro.sglang_weights_dir} and reloaded every {ro.sglang_sync_interval} iteration(s)"
+                f"{'; teacher rollouts in place' if ro.seq_kd else ''})", stream)
+    else:
+        _print0("rollout backend: megatron (in place, training layout)", stream)
     return wrapped
 
 

@@ -236,14 +236,20 @@ def generate(model: GPTModel, prompts: torch.Tensor, params: SamplingParams, *, 
             mask = key_is_pad[:, None, None, : c + 1] if any_pad else None
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return _assemble(prompts, lengths, generated[:, :steps], response_lengths, finished,
-                     pad_token_id, time.perf_counter() - start)
+    return assemble_output(prompts, lengths, generated[:, :steps], response_lengths, finished,
+                           pad_token_id, time.perf_counter() - start)
 
 
-def _assemble(prompts: torch.Tensor, lengths: torch.Tensor, generated: torch.Tensor,
-              response_lengths: torch.Tensor, finished: torch.Tensor, pad_token_id: int,
-              seconds: float) -> GenerationOutput:
-    """Right-padded ``[b, P + n]`` tokens and response mask from prompts and generated ids."""
+def assemble_output(prompts: torch.Tensor, lengths: torch.Tensor, generated: torch.Tensor,
+                    response_lengths: torch.Tensor, finished: torch.Tensor, pad_token_id: int,
+                    seconds: float) -> GenerationOutput:
+    """Right-padded ``[b, P + n]`` tokens and response mask from prompts and generated ids.
+
+    ``prompts`` ``[b, P]`` right-padded with ``lengths`` ``[b]``; ``generated`` ``[b, n]`` the
+    responses left-aligned (row ``i`` valid on its first ``response_lengths[i]`` columns);
+    ``finished`` ``[b]`` True where a stop token ended the response. Shared by the in-place
+    generator and the sglang backend (``sglang_backend.py``), so both give the same layout.
+    """
     b, width = prompts.shape
     n = generated.shape[1]
     cols = torch.arange(width + n, device=prompts.device).unsqueeze(0)

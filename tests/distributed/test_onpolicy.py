@@ -413,6 +413,7 @@ def test_launcher_on_policy_rl_run_writes_rollout_metrics(setup):
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "on-policy: fraction 0.5" in proc.stdout and "distillation loss: reference" in proc.stdout
+    assert "rollout backend: megatron (in place" in proc.stdout
     assert "rollout " in proc.stdout and "reward " in proc.stdout
     records = [json.loads(line) for line in metrics.read_text().splitlines()]
     assert [r["iteration"] for r in records] == [1, 2]

@@ -198,6 +198,11 @@ def every_flag_argv() -> tuple[list[str], list[tuple[str, str, object]]]:
         ("--rollouts-per-prompt", "4", "rollout", "rollouts_per_prompt", 4),
         ("--rl-loss-weight", "0.5", "rollout", "rl_loss_weight", 0.5),
         ("--reward-fn", "my.rewards:score", "rollout", "reward_fn", "my.rewards:score"),
+        ("--rollout-backend", "sglang", "rollout", "backend", "sglang"),
+        ("--sglang-url", "http://s:30000", "rollout", "sglang_url", "http://s:30000"),
+        ("--sglang-weights-dir", "/shared/w", "rollout", "sglang_weights_dir", "/shared/w"),
+        ("--sglang-sync-interval", "4", "rollout", "sglang_sync_interval", 4),
+        ("--sglang-timeout-s", "90", "rollout", "sglang_timeout_s", 90.0),
     ]
     argv: list[str] = ["--group-query-attention"]
     expected: list[tuple[str, str, object]] = []

@@ -346,6 +346,34 @@ def test_rollout_combination_rules():
     fails(make(data=CHAT, rollout={**rl, "rl_loss_weight": 0.0}, loss={"kd_weight": 0.0}), "nothing to train on")
 
 
+def test_sglang_backend_rules():
+    llama = {"swiglu": True, "normalization": "RMSNorm", "position_embedding_type": "rope", "add_bias_linear": False}
+    sg = {"on_policy_fraction": 0.5, "backend": "sglang", "sglang_url": "http://s:30000", "sglang_weights_dir": "/w"}
+    validate(make(data=CHAT, student=llama, rollout=sg), WORLD)
+    validate(make(data=CHAT, student=llama, rollout={**sg, "seq_kd": True, "sglang_sync_interval": 4}), WORLD)
+    fails(make(data=CHAT, student=llama, rollout={**sg, "backend": "vllm"}), "--rollout-backend must be one of")
+    fails(make(data=CHAT, student=llama, rollout={**sg, "sglang_url": None}),
+          "--rollout-backend sglang needs --sglang-url")
+    fails(make(data=CHAT, student=llama, rollout={**sg, "sglang_url": "s:30000"}),
+          "--sglang-url must start with http://")
+    fails(make(data=CHAT, student=llama, rollout={**sg, "sglang_weights_dir": None}),
+          "--rollout-backend sglang needs --sglang-weights-dir")
+    fails(make(data=CHAT, student=llama, rollout={**sg, "on_policy_fraction": 0.0, "seq_kd": True}),
+          "--rollout-backend sglang .* needs --on-policy-fraction > 0")
+    fails(make(data=CHAT, student=llama, rollout={**sg, "sglang_sync_interval": 0}),
+          "--sglang-sync-interval must be >= 1")
+    fails(make(data=CHAT, student=llama, rollout={**sg, "sglang_timeout_s": 0.0}), "--sglang-timeout-s must be > 0")
+    # 4 attempts x 150 s + 7 s of backoff >= the default 10-minute collective timeout.
+    fails(make(data=CHAT, student=llama, rollout={**sg, "sglang_timeout_s": 150.0}),
+          re.escape("--sglang-timeout-s 150.0 x 4 attempts + backoff (607 s) must stay below "
+                    "--distributed-timeout-minutes (10.0 min)"))
+    validate(make(data=CHAT, student=llama, train={"distributed_timeout_minutes": 11.0},
+                  rollout={**sg, "sglang_timeout_s": 150.0}), WORLD)
+    fails(make(data=CHAT, rollout=sg), "--rollout-backend sglang exports the student .* --disable-bias-linear")
+    fails(make(data=CHAT, student=llama, rollout={"on_policy_fraction": 0.5, "sglang_url": "http://s:1"}),
+          "--sglang-url needs --rollout-backend sglang")
+
+
 def test_every_problem_is_listed_at_once():
     cfg = make(student={"num_layers": 3}, teacher={"vocab_size": 128}, loss={"beta": 2.0})
     with pytest.raises(ConfigError) as info:

@@ -18,3 +18,9 @@ def test_all_on_policy_batch_has_no_off_policy_part():
     assert "kd on/off 0.5000/-" in _rollout_part({**BASE, "kd_loss_on_policy": 0.5})
     assert "kd on/off -/0.2500" in _rollout_part({**BASE, "kd_loss_off_policy": 0.25})
     assert "kd on/off" not in _rollout_part(BASE)
+
+
+def test_weight_sync_time_shows_only_when_the_sglang_backend_synced():
+    assert "sync 2.50s" in _rollout_part({**BASE, "weight_sync_seconds": 2.5})
+    assert "sync" not in _rollout_part({**BASE, "weight_sync_seconds": 0.0})  # no export this iteration
+    assert "sync" not in _rollout_part(BASE)  # in-place backend
