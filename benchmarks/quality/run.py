@@ -253,6 +253,8 @@ def main() -> None:
     ap.add_argument("--teacher-iters", type=int, default=None, help="override the scale's teacher_iters")
     ap.add_argument("--student-iters", type=int, default=None, help="override the scale's student_iters")
     ap.add_argument("--warm-iters", type=int, default=None, help="override the scale's warm_iters")
+    ap.add_argument("--warm-dir", default=None,
+                    help="reuse the warm-start student HF dir here if it exists, else save it there")
     ap.add_argument("--teacher-dir", default=None,
                     help="reuse the teacher HF dir here if it exists (no teacher training), else save the trained one "
                          "there (split a run over several processes)")
@@ -328,13 +330,22 @@ def main() -> None:
     # 2. the shared warm start
     print(f"warm start: {sc['warm_iters']} iterations of cross-entropy, every other row with the hint", flush=True)
     warm = work / "student_warm"
-    cmd = engine_cmd(sc, work / "student_init", warm, data_hint, sc["warm_iters"], sc["student_lr"],
-                     out / "logs/warm.metrics.jsonl", 1500, ["--teacher", "self-frozen", "--kd-loss-weight", "0",
-                                                             "--kd-ce-weight", "1"])
-    run_engine(cmd, out / "logs/warm.log", runs)
+    warm_reuse = Path(args.warm_dir) if args.warm_dir else None
+    if warm_reuse is not None and (warm_reuse / "config.json").exists():
+        print(f"  reusing {warm_reuse}", flush=True)
+        warm = warm_reuse
+        results["warm_reused_from"] = str(warm_reuse)
+    else:
+        cmd = engine_cmd(sc, work / "student_init", warm, data_hint, sc["warm_iters"], sc["student_lr"],
+                         out / "logs/warm.metrics.jsonl", 1500, ["--teacher", "self-frozen", "--kd-loss-weight", "0",
+                                                                 "--kd-ce-weight", "1"])
+        run_engine(cmd, out / "logs/warm.log", runs)
+        if warm_reuse is not None:
+            shutil.copytree(warm, warm_reuse)
     results["warm_start"] = {"iterations": sc["warm_iters"], **evaluate(warm, held_out, sc["eval_batch"]),
                              "accuracy_with_hint": evaluate(warm, held_out, sc["eval_batch"], hint=True)["accuracy"],
-                             "train_tokens": loss_tokens(out / "logs/warm.metrics.jsonl")[0]}
+                             "train_tokens": loss_tokens(out / "logs/warm.metrics.jsonl")[0]
+                             if (out / "logs/warm.metrics.jsonl").exists() else None}
     print(f"  warm start: exact match {results['warm_start']['accuracy']:.3f} "
           f"(with the hint {results['warm_start']['accuracy_with_hint']:.3f})", flush=True)
 
@@ -381,6 +392,7 @@ def main() -> None:
             print(f"  {method} after {seg * seg_iters} iterations ({tokens:,} loss tokens): "
                   f"exact match {ev['accuracy']:.3f} (answer format {ev['answer_format_rate']:.2f})", flush=True)
             prev = export
+            json.dump(results, open(out / "results.json", "w"), indent=1)  # a time limit loses nothing finished
         json.dump(results, open(out / "results.json", "w"), indent=1)
 
     results["wall_seconds"] = round(time.time() - t_start, 1)
