@@ -25,7 +25,9 @@ setup(
         "packaging>=24.2",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6", "ray>=2.9"],
+        # trl: benchmarks/trl_gkd_baseline.py runs its GKDTrainer (trl.experimental, hence the pin);
+        # it adds only accelerate and psutil and keeps the installed torch.
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6", "ray>=2.9", "trl~=1.16.0"],
         # Hugging Face tokenizers / checkpoints (local files only; no hub access needed).
         "te": ["transformer-engine[pytorch]>=2.9"],
         "sglang": ["sglang"],
