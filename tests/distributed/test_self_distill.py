@@ -226,7 +226,7 @@ def test_on_policy_rollouts_get_the_privileged_teacher_view(tmp_path, monkeypatc
 
     vocab_ids = tok.convert_tokens_to_ids(words)
     monkeypatch.setattr(onpolicy, "generate", _stub_generate(vocab_ids, tok.eos_token_id))
-    monkeypatch.setattr(onpolicy.OnPolicyData, "_record", lambda self, seconds: None)  # its all-reduce
+    monkeypatch.setattr(onpolicy.OnPolicyData, "_record", lambda self, *times: None)  # its all-reduce
     model = SimpleNamespace(position_embedding_type="rope", max_sequence_length=64)
     engine = SimpleNamespace(pg=SimpleNamespace(dp=_Group(), tp=_Group(), pp=_Group()),
                              stage=SimpleNamespace(student=model, teacher=None),
