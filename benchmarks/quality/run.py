@@ -146,6 +146,22 @@ def run_engine(cmd: list[str], log: Path, record: list) -> float:
     return seconds
 
 
+def train_ce_or_reuse(sc: dict, init: Path, export: Path, reuse: str | None, data: Path, iters: int, lr: float,
+                      out: Path, name: str, seed: int, runs: list, results: dict) -> Path:
+    """An HF dir trained with cross-entropy from ``init`` on ``data`` (logs/<name>.*), or the one in ``reuse``
+    if it holds a model (then ``results[<name>_reused_from]`` says so); a trained one is copied to ``reuse``."""
+    if reuse is not None and (Path(reuse) / "config.json").exists():
+        print(f"  reusing {reuse}", flush=True)
+        results[f"{name}_reused_from"] = str(reuse)
+        return Path(reuse)
+    cmd = engine_cmd(sc, init, export, data, iters, lr, out / f"logs/{name}.metrics.jsonl", seed,
+                     ["--teacher", "self-frozen", "--kd-loss-weight", "0", "--kd-ce-weight", "1"])
+    run_engine(cmd, out / f"logs/{name}.log", runs)
+    if reuse is not None:
+        shutil.copytree(export, reuse)
+    return export
+
+
 def loss_tokens(metrics: Path) -> tuple[int, float | None]:
     """(sum of num_tokens over the logged iterations, last loss) of a metrics file."""
     total, last = 0, None
@@ -306,42 +322,21 @@ def main() -> None:
     }
 
     # 1. teacher
-    teacher_hf = work / "teacher_hf"
-    reuse = Path(args.teacher_dir) if args.teacher_dir else None
-    if reuse is not None and (reuse / "config.json").exists():
-        print(f"teacher: reusing {reuse}", flush=True)
-        teacher_hf = reuse
-        results["teacher_reused_from"] = str(reuse)
-    else:
-        print("teacher: cross-entropy training", flush=True)
-        cmd = engine_cmd(sc, work / "teacher_init", teacher_hf, data_plain, sc["teacher_iters"], sc["teacher_lr"],
-                         out / "logs/teacher.metrics.jsonl", 1000, ["--teacher", "self-frozen", "--kd-loss-weight",
-                                                                     "0", "--kd-ce-weight", "1"])
-        run_engine(cmd, out / "logs/teacher.log", runs)
+    print("teacher: cross-entropy training", flush=True)
+    teacher_hf = train_ce_or_reuse(sc, work / "teacher_init", work / "teacher_hf", args.teacher_dir, data_plain,
+                                   sc["teacher_iters"], sc["teacher_lr"], out, "teacher", 1000, runs, results)
+    if "teacher_reused_from" not in results:
         results["teacher_train_tokens"], results["teacher_final_loss"] = loss_tokens(out / "logs/teacher.metrics.jsonl")
         if results["teacher_train_tokens"] == 0:
             raise RuntimeError("the teacher run trained on 0 loss tokens (sequences too long for --seq-length?)")
-        if reuse is not None:
-            shutil.copytree(teacher_hf, reuse)
     results["teacher_eval"] = evaluate(teacher_hf, held_out, sc["eval_batch"])
     print(f"  teacher held-out exact match {results['teacher_eval']['accuracy']:.3f}", flush=True)
     results["init_student_eval"] = evaluate(work / "student_init", held_out, sc["eval_batch"])
 
     # 2. the shared warm start
     print(f"warm start: {sc['warm_iters']} iterations of cross-entropy, every other row with the hint", flush=True)
-    warm = work / "student_warm"
-    warm_reuse = Path(args.warm_dir) if args.warm_dir else None
-    if warm_reuse is not None and (warm_reuse / "config.json").exists():
-        print(f"  reusing {warm_reuse}", flush=True)
-        warm = warm_reuse
-        results["warm_reused_from"] = str(warm_reuse)
-    else:
-        cmd = engine_cmd(sc, work / "student_init", warm, data_hint, sc["warm_iters"], sc["student_lr"],
-                         out / "logs/warm.metrics.jsonl", 1500, ["--teacher", "self-frozen", "--kd-loss-weight", "0",
-                                                                 "--kd-ce-weight", "1"])
-        run_engine(cmd, out / "logs/warm.log", runs)
-        if warm_reuse is not None:
-            shutil.copytree(warm, warm_reuse)
+    warm = train_ce_or_reuse(sc, work / "student_init", work / "student_warm", args.warm_dir, data_hint,
+                             sc["warm_iters"], sc["student_lr"], out, "warm", 1500, runs, results)
     results["warm_start"] = {"iterations": sc["warm_iters"], **evaluate(warm, held_out, sc["eval_batch"]),
                              "accuracy_with_hint": evaluate(warm, held_out, sc["eval_batch"], hint=True)["accuracy"],
                              "train_tokens": loss_tokens(out / "logs/warm.metrics.jsonl")[0]
