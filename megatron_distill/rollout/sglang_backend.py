@@ -25,14 +25,12 @@ from __future__ import annotations
 
 import json
 import os
-import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from megatron_distill.http_retry import request_once, with_retries
 from megatron_distill.rollout.generate import GenerationOutput, assemble_output
 from megatron_distill.rollout.sampling import SamplingParams
 
@@ -80,12 +78,6 @@ def sampling_payload(params: SamplingParams) -> dict[str, Any]:
     }
 
 
-class _HTTPStatus(Exception):
-    def __init__(self, code: int, body: str) -> None:
-        super().__init__(f"HTTP {code}: {body}")
-        self.code, self.body = code, body
-
-
 class SglangClient:
     """Client of one sglang server.
 
@@ -110,40 +102,29 @@ class SglangClient:
 
     # ------------------------------------------------------------------ transport
 
-    def _once(self, path: str, payload: dict) -> Any:
+    def _headers(self) -> dict[str, str]:
         headers = {"Content-Type": "application/json"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
-        req = urllib.request.Request(self.url + path, data=json.dumps(payload).encode(), headers=headers,
-                                     method="POST")
-        try:
-            with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
-                return json.loads(resp.read())
-        except urllib.error.HTTPError as err:
-            body = err.read().decode(errors="replace")[:_BODY_CHARS]
-            raise _HTTPStatus(err.code, body) from None
+        return headers
 
     def post(self, path: str, payload: dict, what: str) -> Any:
-        """POST ``payload`` as JSON to ``url + path`` with retries; the decoded JSON answer."""
-        errors: list[str] = []
-        for attempt in range(self.retries + 1):
-            if attempt:
-                time.sleep(self.backoff_s * 2 ** (attempt - 1))
-            try:
-                return self._once(path, payload)
-            except _HTTPStatus as err:
-                if err.code < 500:
-                    raise SglangError(f"sglang server at {self.url}{path} refused {what}: {err}") from None
-                errors.append(str(err))
-            except json.JSONDecodeError as err:
-                raise SglangError(f"sglang server at {self.url}{path} answered {what} with invalid JSON: {err}") \
-                    from None
-            except (OSError, urllib.error.URLError) as err:  # refused, reset, timed out
-                errors.append(f"{type(err).__name__}: {getattr(err, 'reason', err)}")
-        raise SglangUnavailableError(
-            f"sglang server at {self.url}{path} did not answer {what} after {self.retries + 1} attempt(s) "
-            f"(timeout {self.timeout_s} s each, backoff from {self.backoff_s} s); last error: {errors[-1]}"
+        """POST ``payload`` as JSON to ``url + path`` with retries (megatron_distill/http_retry.py); the
+        decoded JSON answer."""
+        where = f"sglang server at {self.url}{path}"
+        answer = with_retries(
+            lambda: request_once(self.url + path, json.dumps(payload).encode(), self._headers(), self.timeout_s,
+                                 lambda err: err.read().decode(errors="replace")[:_BODY_CHARS]),
+            retries=self.retries, backoff_s=self.backoff_s,
+            refused=lambda err: SglangError(f"{where} refused {what}: {err}"),
+            unavailable=lambda last: SglangUnavailableError(
+                f"{where} did not answer {what} after {self.retries + 1} attempt(s) "
+                f"(timeout {self.timeout_s} s each, backoff from {self.backoff_s} s); last error: {last}"),
         )
+        try:
+            return json.loads(answer)
+        except json.JSONDecodeError as err:
+            raise SglangError(f"{where} answered {what} with invalid JSON: {err}") from None
 
     # ------------------------------------------------------------------ endpoints
 

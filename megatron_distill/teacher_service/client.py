@@ -23,13 +23,12 @@ from __future__ import annotations
 import json
 import os
 import threading
-import time
 import urllib.error
-import urllib.request
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
+from megatron_distill.http_retry import request_once, with_retries
 from megatron_distill.teacher_service import protocol
 
 
@@ -43,12 +42,6 @@ class TeacherUnavailableError(TeacherServiceError):
 
 class TeacherAnswerError(TeacherServiceError):
     """An answer that does not belong to the request or is malformed (names the request)."""
-
-
-class _HTTPStatus(Exception):
-    def __init__(self, code: int, message: str) -> None:
-        super().__init__(f"HTTP {code}: {message}")
-        self.code = code
 
 
 class RemoteTeacher:
@@ -87,36 +80,22 @@ class RemoteTeacher:
             headers["Authorization"] = f"Bearer {self.token}"
         return headers
 
-    def _once(self, path: str, body: bytes | None) -> bytes:
-        req = urllib.request.Request(self.address + path, data=body, headers=self._headers(),
-                                     method="POST" if body is not None else "GET")
+    @staticmethod
+    def _error_text(err: urllib.error.HTTPError) -> str:
         try:
-            with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
-                return resp.read()
-        except urllib.error.HTTPError as err:
-            try:
-                message = json.loads(err.read()).get("error", "")
-            except Exception:
-                message = err.reason
-            raise _HTTPStatus(err.code, str(message)) from None
+            return str(json.loads(err.read()).get("error", ""))
+        except Exception:
+            return str(err.reason)
 
     def _call(self, path: str, body: bytes | None, what: str) -> bytes:
-        """POST (or GET without a body) with retries; raises the client's errors."""
-        errors = []
-        for attempt in range(self.retries + 1):
-            if attempt:
-                time.sleep(self.backoff_s * 2 ** (attempt - 1))
-            try:
-                return self._once(path, body)
-            except _HTTPStatus as err:
-                if err.code < 500:
-                    raise TeacherServiceError(f"teacher service at {self.address} refused {what}: {err}") from None
-                errors.append(str(err))
-            except (OSError, urllib.error.URLError) as err:  # refused, reset, timed out
-                errors.append(f"{type(err).__name__}: {getattr(err, 'reason', err)}")
-        raise TeacherUnavailableError(
-            f"teacher service at {self.address} did not answer {what} after {self.retries + 1} attempt(s) "
-            f"(timeout {self.timeout_s} s each, backoff from {self.backoff_s} s); last error: {errors[-1]}"
+        """POST (or GET without a body) with retries (megatron_distill/http_retry.py); raises the client's errors."""
+        return with_retries(
+            lambda: request_once(self.address + path, body, self._headers(), self.timeout_s, self._error_text),
+            retries=self.retries, backoff_s=self.backoff_s,
+            refused=lambda err: TeacherServiceError(f"teacher service at {self.address} refused {what}: {err}"),
+            unavailable=lambda last: TeacherUnavailableError(
+                f"teacher service at {self.address} did not answer {what} after {self.retries + 1} attempt(s) "
+                f"(timeout {self.timeout_s} s each, backoff from {self.backoff_s} s); last error: {last}"),
         )
 
     def info(self) -> dict:
