@@ -302,6 +302,17 @@ def kernel_sweep(v: int, rows: int = 512):
     return out
 
 
+def multi_pass_step(zs: torch.Tensor, zt: torch.Tensor, loss: torch.Tensor, kind: str, split: int) -> None:
+    """The multi-pass element-wise kernels on one chunk (TP=1, beta 0.5, T 1): statistics, then the
+    loss partials into ``loss`` ``[split, rows]`` and dz over ``zs`` ``[rows, V]``."""
+    stats = ew.row_stats(zs, zt, 1.0, False, split=split)
+    if kind == "jsd":
+        kl = ew.jsd_row_sums(zs, zt, stats, loss, beta=0.5, temperature=1.0)
+        ew.jsd_grad_(zs, zt, stats, kl, beta=0.5, temperature=1.0, grad_scale=1e-4, split=split)
+    else:
+        ew.kl_loss_grad_(zs, zt, stats, loss, reverse=False, temperature=1.0, grad_scale=1e-4)
+
+
 def sp_kernel_sweep(v: int, rows: int):
     """The single-pass kernel (stats + loss + dz in one launch) against the multi-pass kernels
     on one chunk of ``rows``; GB/s counts the DRAM minimum (read z_S, z_T, write dz: 3 units)."""
@@ -318,12 +329,7 @@ def sp_kernel_sweep(v: int, rows: int):
         loss = torch.empty(split, rows, device=dev)
 
         def fn():
-            stats = ew.row_stats(zs, zt, 1.0, False, split=split)
-            if kind == "jsd":
-                kl = ew.jsd_row_sums(zs, zt, stats, loss, beta=0.5, temperature=1.0)
-                ew.jsd_grad_(zs, zt, stats, kl, beta=0.5, temperature=1.0, grad_scale=1e-4, split=split)
-            else:
-                ew.kl_loss_grad_(zs, zt, stats, loss, reverse=False, temperature=1.0, grad_scale=1e-4)
+            multi_pass_step(zs, zt, loss, kind, split)
 
         return fn
 
@@ -381,12 +387,7 @@ def profile_kernels(v: int, rows: int) -> None:
         for kind in ("forward_kl", "jsd"):
             sp_loss = torch.empty(ew.single_pass_split(v, dev, kind=kind), rows, device=dev)
             zs.copy_(zs0)
-            stats = ew.row_stats(zs, zt, 1.0, False, split=split)
-            if kind == "jsd":
-                kl = ew.jsd_row_sums(zs, zt, stats, loss, beta=0.5, temperature=1.0)
-                ew.jsd_grad_(zs, zt, stats, kl, beta=0.5, temperature=1.0, grad_scale=1e-4, split=split)
-            else:
-                ew.kl_loss_grad_(zs, zt, stats, loss, reverse=False, temperature=1.0, grad_scale=1e-4)
+            multi_pass_step(zs, zt, loss, kind, split)
             for pipelined in (False, True):
                 zs.copy_(zs0)
                 ew.single_pass_loss_grad_(
