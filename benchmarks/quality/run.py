@@ -229,12 +229,6 @@ def device_name() -> str:
     return f"cpu ({os.cpu_count()} cores) {platform.processor() or platform.machine()}"
 
 
-def gkd_available() -> bool:
-    out = subprocess.run([sys.executable, str(REPO / "launch/pretrain_distill.py"), "--help"],
-                         capture_output=True, text=True, cwd=REPO).stdout
-    return "--on-policy-fraction" in out
-
-
 def plot(results: dict, path: Path) -> None:
     import matplotlib
 
@@ -308,7 +302,6 @@ def main() -> None:
           f"teacher {t_params:,} params, student {s_params:,} ({s_params / t_params:.2f}x)", flush=True)
 
     methods = [m for m in args.methods.split(",") if m]
-    has_gkd = gkd_available()
     runs: list = []
     results = {
         "benchmark": "quality", "scale": args.scale, "sizes": sc, "date_utc": date.isoformat(timespec="seconds"),
@@ -317,7 +310,7 @@ def main() -> None:
                  "num_ops": num_ops, "vocab_size": vocab, "example": train[0]},
         "params": {"teacher": t_params, "student": s_params},
         "settings": {"kd_ce_weight": KD_CE_WEIGHT, "on_policy_fraction": ON_POLICY_FRACTION,
-                     "max_new_tokens_eval": MAX_NEW_TOKENS, "gkd_flags_available": has_gkd},
+                     "max_new_tokens_eval": MAX_NEW_TOKENS},
         "engine_runs": runs, "students": {m: [] for m in methods}, "notes": [],
     }
 
@@ -357,9 +350,6 @@ def main() -> None:
                  "--kd-ce-weight", "0", "--privileged-template", PRIVILEGED_TEMPLATE, "--on-policy-fraction", "1.0",
                  "--rollout-temperature", "1.0", "--rollout-max-new-tokens", str(MAX_NEW_TOKENS)],
     }
-    if "gkd" in methods and not has_gkd:
-        results["notes"].append("gkd: --on-policy-fraction is not in launch/pretrain_distill.py --help; skipped")
-        methods.remove("gkd")
     for method in methods:
         prev, tokens = warm, 0
         for seg in range(1, sc["segments"] + 1):
