@@ -9,6 +9,13 @@ left to right, one step per clause, and ends with ``answer N``::
 
 Problems whose intermediate or final values are negative are rejected (so every number is a plain
 digit string). Train / held-out splits are drawn from one seed and are disjoint by expression.
+
+A row's ``privileged_context`` (what the self-distillation teacher sees) is the worked steps without
+the final ``answer N`` clause: the answer has to come from the response's own last step, so a
+teacher that reads the hint never states an answer its student's working does not give.
+``near_miss_hint`` gives the steps of the same problem with one operand changed, a hint that only
+partly applies (the warm start trains on both kinds, so the model copies a hinted step only where
+its operands match the response's own).
 """
 
 from __future__ import annotations
@@ -55,7 +62,7 @@ def solve(operands: list[int], ops: list[str]) -> tuple[list[str], int] | None:
 
 def make_problem(rng: random.Random, num_ops: int = NUM_OPS) -> dict[str, Any]:
     """One random problem of ``num_ops`` operators as a data row (prompt, response, reference,
-    privileged_context, expression)."""
+    privileged_context = the worked steps without the answer clause, expression)."""
     while True:
         operands = [rng.randint(1, MAX_OPERAND) for _ in range(num_ops + 1)]
         ops = [rng.choice(OPS) for _ in range(num_ops)]
@@ -66,7 +73,21 @@ def make_problem(rng: random.Random, num_ops: int = NUM_OPS) -> dict[str, Any]:
     expr = " ".join(x for pair in zip(map(str, operands), [*ops, ""], strict=True) for x in pair).strip()
     solution = " , ".join([*steps, f"answer {value}"])
     return {"prompt": f"what is {expr} ?", "response": solution, "reference": str(value),
-            "privileged_context": solution, "expression": expr}
+            "privileged_context": " , ".join(steps), "expression": expr}
+
+
+def near_miss_hint(expression: str, rng: random.Random) -> str:
+    """The worked steps (no answer clause) of ``expression`` with one operand changed: the steps
+    before that operand is used match the real problem's, the later ones do not."""
+    tokens = expression.split()
+    operands, ops = [int(x) for x in tokens[0::2]], tokens[1::2]
+    while True:
+        k, value = rng.randrange(len(operands)), rng.randint(1, MAX_OPERAND)
+        if value == operands[k]:
+            continue
+        solved = solve([*operands[:k], value, *operands[k + 1 :]], ops)
+        if solved is not None:
+            return " , ".join(solved[0])
 
 
 def make_splits(n_train: int, n_eval: int, seed: int, num_ops: int = NUM_OPS) -> tuple[list[dict], list[dict]]:

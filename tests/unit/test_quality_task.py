@@ -32,7 +32,7 @@ def test_answers_are_correct(splits):
         assert re.fullmatch(r"[0-9 +*-]+", row["expression"])
         assert row["reference"] == str(expected)
         assert row["response"].endswith(f"answer {expected}")
-        assert row["privileged_context"] == row["response"]
+        assert row["privileged_context"] + f" , answer {expected}" == row["response"]
         for step in row["response"].split(" , ")[:-1]:  # every worked step is true
             lhs, rhs = step.split(" = ")
             assert eval(lhs, {"__builtins__": {}}) == int(rhs)  # noqa: S307
@@ -79,3 +79,17 @@ def test_two_operator_problems_and_an_impossible_split(task):
     assert all(r["expression"].count(" ") == 4 for r in [*train, *held_out])  # a o b o c
     with pytest.raises(ValueError, match="distinct 2-operator problems"):
         task.make_splits(6000, 0, seed=1, num_ops=2)  # fewer than 4,900 exist
+
+
+def test_near_miss_hint_changes_exactly_one_operand(task, splits):
+    import random
+
+    rng = random.Random(3)
+    for row in splits[0][:50]:
+        hint = task.near_miss_hint(row["expression"], rng)
+        assert hint != row["privileged_context"] and " answer " not in f" {hint} "
+        for step in hint.split(" , "):  # a true worked solution of some problem
+            lhs, rhs = step.split(" = ")
+            assert eval(lhs, {"__builtins__": {}}) == int(rhs) >= 0  # noqa: S307
+        n_steps = len(row["privileged_context"].split(" , "))
+        assert len(hint.split(" , ")) == n_steps  # same operators, so the same number of steps
