@@ -323,6 +323,8 @@ def main() -> None:
     ap.add_argument("--teacher-iters", type=int, default=None, help="override the scale's teacher_iters")
     ap.add_argument("--student-iters", type=int, default=None, help="override the scale's student_iters")
     ap.add_argument("--warm-iters", type=int, default=None, help="override the scale's warm_iters")
+    ap.add_argument("--max-segments", type=int, default=None,
+                    help="train only the first N of the scale's segments (same iterations per segment)")
     ap.add_argument("--warm-dir", default=None,
                     help="reuse the warm-start student HF dir here if it exists, else save it there")
     ap.add_argument("--merge", default=None, metavar="RESULTS_JSON",
@@ -422,7 +424,7 @@ def main() -> None:
     }
     for method in methods:
         prev, tokens = warm, 0
-        for seg in range(1, sc["segments"] + 1):
+        for seg in range(1, min(sc["segments"], args.max_segments or sc["segments"]) + 1):
             export = work / f"{method}_seg{seg}"
             metrics = out / f"logs/{method}_seg{seg}.metrics.jsonl"
             print(f"{method}: segment {seg}/{sc['segments']} ({seg_iters} iterations)", flush=True)
