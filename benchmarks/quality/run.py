@@ -48,6 +48,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import platform
 import random
@@ -212,7 +213,7 @@ def evaluate(model_dir: Path, rows: list[dict], batch: int, hint: bool = False) 
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     tok.padding_side = "left"
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).to(dev).eval()
-    correct, formatted, samples = 0, 0, []
+    correct, formatted, samples, per_row = 0, 0, [], []
     for i in range(0, len(rows), batch):
         chunk = rows[i : i + batch]
         texts = [tok.apply_chat_template(hint_messages(r) if hint else [{"role": "user", "content": r["prompt"]}],
@@ -225,11 +226,22 @@ def evaluate(model_dir: Path, rows: list[dict], batch: int, hint: bool = False) 
             text = tok.decode(ids, skip_special_tokens=True)
             ok = exact_match_reward(r["prompt"], text, r["reference"])
             correct += int(ok)
+            per_row.append(int(ok))
             formatted += int(" answer " in f" {text}")
             if len(samples) < 3:
                 samples.append({"prompt": r["prompt"], "generated": text, "reference": r["reference"], "correct": ok})
-    return {"accuracy": correct / len(rows), "correct": correct, "n": len(rows),
+    return {"accuracy": correct / len(rows), "correct": correct, "n": len(rows), "per_row": per_row,
             "answer_format_rate": formatted / len(rows), "samples": samples}
+
+
+def paired_change(before: list[int], after: list[int]) -> dict:
+    """Per held-out row: how many problems went wrong -> right ("gained") and right -> wrong ("lost"),
+    and the two-sided exact sign-test p-value of gained vs lost (McNemar's exact test)."""
+    gained = sum(1 for b, a in zip(before, after, strict=True) if a > b)
+    lost = sum(1 for b, a in zip(before, after, strict=True) if a < b)
+    n, k = gained + lost, min(gained, lost)
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2**n if n else 1.0
+    return {"gained": gained, "lost": lost, "sign_test_p": min(1.0, 2 * tail)}
 
 
 def versions() -> dict:
@@ -448,11 +460,15 @@ def main() -> None:
             ev = evaluate(export, held_out, sc["eval_batch"])
             if method == "pcsd":  # does the student still use the hint (it is trained without one)?
                 ev["accuracy_with_hint"] = evaluate(export, held_out, sc["eval_batch"], hint=True)["accuracy"]
+            ev["vs_warm_start"] = paired_change(results["warm_start"]["per_row"], ev["per_row"])
             results["students"][method].append({
                 "segment": seg, "iterations": seg * seg_iters, "sequences": seg * seg_iters * sc["global_batch"],
                 "train_tokens": tokens, "final_loss": last_loss, "seconds": round(secs, 1), **ev})
+            change = ev["vs_warm_start"]
             print(f"  {method} after {seg * seg_iters} iterations ({tokens:,} loss tokens): "
-                  f"exact match {ev['accuracy']:.3f} (answer format {ev['answer_format_rate']:.2f})", flush=True)
+                  f"exact match {ev['accuracy']:.3f} (answer format {ev['answer_format_rate']:.2f}; vs the warm start "
+                  f"+{change['gained']} -{change['lost']} problems, sign test p={change['sign_test_p']:.3g})",
+                  flush=True)
             prev = export
             json.dump(results, open(out / "results.json", "w"), indent=1)  # a time limit loses nothing finished
         json.dump(results, open(out / "results.json", "w"), indent=1)
