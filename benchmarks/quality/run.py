@@ -50,7 +50,6 @@ import datetime
 import json
 import math
 import os
-import platform
 import random
 import shutil
 import subprocess
@@ -61,6 +60,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(HERE.parent))  # benchmarks/: run_record
 sys.path.insert(0, str(HERE))
 
 import task  # noqa: E402
@@ -244,24 +244,17 @@ def paired_change(before: list[int], after: list[int]) -> dict:
     return {"gained": gained, "lost": lost, "sign_test_p": min(1.0, 2 * tail)}
 
 
-def versions() -> dict:
+def header() -> dict:
+    """run_record.run_header for this benchmark (device, date, versions, command), with the versions of
+    transformers / tokenizers and, on the CPU, the core count."""
     import importlib.metadata as md
 
-    out = {"python": platform.python_version()}
-    for pkg in ("torch", "transformers", "tokenizers", "megatron-core"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            out[pkg] = None
-    return out
+    from run_record import run_header
 
-
-def device_name() -> str:
-    import torch
-
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name(0)
-    return f"cpu ({os.cpu_count()} cores) {platform.processor() or platform.machine()}"
+    head = run_header("quality", 1, transformers=md.version("transformers"), tokenizers=md.version("tokenizers"))
+    if head["device"] == "cpu":
+        head["device"] = f"cpu ({os.cpu_count()} cores)"
+    return head
 
 
 def merge_source(path: str, results: dict) -> dict:
@@ -297,7 +290,7 @@ def merge_students(earlier: dict, results: dict) -> None:
     results["engine_runs"] = earlier["engine_runs"] + results["engine_runs"]
     results["notes"] = earlier["notes"] + results["notes"]
     results["merged_from"] = [*earlier.get("merged_from", []),
-                              {"date_utc": earlier["date_utc"], "device": earlier["device"],
+                              {"date": earlier.get("date", earlier.get("date_utc")), "device": earlier["device"],
                                "methods": sorted(earlier["students"]), "wall_seconds": earlier.get("wall_seconds")}]
 
 
@@ -381,8 +374,7 @@ def main() -> None:
     methods = [m for m in args.methods.split(",") if m]
     runs: list = []
     results = {
-        "benchmark": "quality", "scale": args.scale, "sizes": sc, "date_utc": date.isoformat(timespec="seconds"),
-        "device": device_name(), "versions": versions(), "seed": args.seed,
+        **header(), "scale": args.scale, "sizes": sc, "seed": args.seed,
         "task": {"n_train": len(train), "n_held_out": len(held_out), "max_operand": task.MAX_OPERAND,
                  "num_ops": num_ops, "vocab_size": vocab, "example": train[0]},
         "params": {"teacher": t_params, "student": s_params},
