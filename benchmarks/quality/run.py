@@ -167,6 +167,7 @@ def train_ce_or_reuse(sc: dict, init: Path, export: Path, reuse: str | None, dat
         print(f"  reusing {reuse}", flush=True)
         results[f"{name}_reused_from"] = str(reuse)
         return Path(reuse)
+    shutil.rmtree(export, ignore_errors=True)  # a stopped earlier run's (with --work)
     cmd = engine_cmd(sc, init, export, data, iters, lr, out / f"logs/{name}.metrics.jsonl", seed,
                      ["--teacher", "self-frozen", "--kd-loss-weight", "0", "--kd-ce-weight", "1"])
     run_engine(cmd, out / f"logs/{name}.log", runs)
@@ -329,7 +330,11 @@ def main() -> None:
     ap.add_argument("--student-iters", type=int, default=None, help="override the scale's student_iters")
     ap.add_argument("--warm-iters", type=int, default=None, help="override the scale's warm_iters")
     ap.add_argument("--max-segments", type=int, default=None,
-                    help="train only the first N of the scale's segments (same iterations per segment)")
+                    help="train only up to segment N of the scale's (same iterations per segment)")
+    ap.add_argument("--work", default=None,
+                    help="keep the models (initial, warm start, teacher, every segment's export) in this dir "
+                         "(default: <out>/work, deleted at the end); with --merge and the same --work a method "
+                         "the earlier run trained part of continues after its last segment")
     ap.add_argument("--warm-dir", default=None,
                     help="reuse the warm-start student HF dir here if it exists, else save it there")
     ap.add_argument("--merge", default=None, metavar="RESULTS_JSON",
@@ -349,7 +354,10 @@ def main() -> None:
     if out.exists():
         shutil.rmtree(out)
     (out / "logs").mkdir(parents=True)
-    work = out / "work"
+    work = Path(args.work) if args.work else out / "work"
+    if args.work:  # the kept dir also holds the teacher and warm start that a continued run reuses
+        args.teacher_dir = args.teacher_dir or str(work / "teacher_kept")
+        args.warm_dir = args.warm_dir or str(work / "warm_kept")
     t_start = time.time()
 
     num_ops = sc.get("num_ops", task.NUM_OPS)
@@ -427,9 +435,15 @@ def main() -> None:
                  "--rollout-temperature", "1.0", "--rollout-max-new-tokens", str(MAX_NEW_TOKENS)],
     }
     for method in methods:
-        prev, tokens = warm, 0
-        for seg in range(1, min(sc["segments"], args.max_segments or sc["segments"]) + 1):
+        prev, tokens, first = warm, 0, 1
+        done = (earlier or {}).get("students", {}).get(method) or []
+        if done and (work / f"{method}_seg{len(done)}" / "config.json").exists():  # continue the merged run
+            prev, tokens, first = work / f"{method}_seg{len(done)}", done[-1]["train_tokens"], len(done) + 1
+            results["students"][method] = list(done)
+            print(f"{method}: continuing after segment {len(done)} from {prev}", flush=True)
+        for seg in range(first, min(sc["segments"], args.max_segments or sc["segments"]) + 1):
             export = work / f"{method}_seg{seg}"
+            shutil.rmtree(export, ignore_errors=True)  # left by a stopped run (its results do not have it)
             metrics = out / f"logs/{method}_seg{seg}.metrics.jsonl"
             print(f"{method}: segment {seg}/{sc['segments']} ({seg_iters} iterations)", flush=True)
             rows = data_plain if method == "sft" else data
@@ -473,7 +487,8 @@ def main() -> None:
         plot(results, out / "accuracy.png")
     except ImportError as err:  # matplotlib missing: the JSON has every number
         print(f"no plot: {err}")
-    shutil.rmtree(work, ignore_errors=True)
+    if not args.work:
+        shutil.rmtree(work, ignore_errors=True)
     print("\nheld-out exact match (iterations: accuracy)")
     teacher_acc = results["teacher_eval"]["accuracy"] if results.get("teacher_eval") else float("nan")
     print(f"  teacher: {teacher_acc:.3f}   untrained student: "
