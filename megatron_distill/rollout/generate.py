@@ -40,6 +40,11 @@ from megatron.core.process_groups_config import ProcessGroupCollection
 
 from megatron_distill.rollout.sampling import SamplingParams, sample_vocab_parallel
 
+# Decode steps between checks that every row has stopped; the output is the same for any value
+# (the steps after the last row stopped are trimmed), a larger one costs at most that many wasted
+# steps per call and saves that many host syncs.
+STOP_CHECK_INTERVAL = 8
+
 _SP_ATTRS = ("sequence_parallel", "scatter_to_sequence_parallel", "reduce_scatter_embeddings")
 
 
@@ -229,11 +234,14 @@ def generate(model: GPTModel, prompts: torch.Tensor, params: SamplingParams, *, 
             response_lengths += (~finished).long()
             finished |= torch.isin(tokens, stop_ids)
             steps = step + 1
-            if bool(finished.all()):
+            # Looking at `finished` is a device -> host sync: done every step it would keep the host
+            # from queueing the next step's kernels while the device runs this one.
+            if steps % STOP_CHECK_INTERVAL == 0 and bool(finished.all()):
                 break
             c = width + step  # cache position of the token fed next
             input_ids, pos = tokens.unsqueeze(1), positions[:, c : c + 1]
             mask = key_is_pad[:, None, None, : c + 1] if any_pad else None
+    steps = min(steps, int(response_lengths.max()))  # the steps run after every row had stopped are all padding
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return assemble_output(prompts, lengths, generated[:, :steps], response_lengths, finished,

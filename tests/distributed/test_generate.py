@@ -90,6 +90,20 @@ def _run_cases(model, pg) -> dict:
     eos = SamplingParams(max_new_tokens=MAX_NEW, temperature=0.0, stop_token_ids=(stop,))
     out["eos"] = generate(model, prompts, eos, vocab_size=VOCAB, pg=pg, prompt_lengths=lengths, pad_token_id=PAD)
     out["eos_stop_id"] = stop
+    # Every row stops by its second token, long before MAX_NEW: the same output whichever number of
+    # steps passes between the checks that all rows have stopped (the extra steps are trimmed).
+    import megatron_distill.rollout.generate as generate_module
+
+    stops = tuple(sorted({int(greedy.tokens[i, n + 1]) for i, n in enumerate(PROMPT_LENGTHS)}))
+    all_stop = SamplingParams(max_new_tokens=MAX_NEW, temperature=0.0, stop_token_ids=stops)
+    default = generate_module.STOP_CHECK_INTERVAL
+    for interval in sorted({1, 3, default}):
+        generate_module.STOP_CHECK_INTERVAL = interval
+        try:
+            out[f"all_stop_every_{interval}"] = generate(model, prompts, all_stop, vocab_size=VOCAB, pg=pg,
+                                                         prompt_lengths=lengths, pad_token_id=PAD)
+        finally:
+            generate_module.STOP_CHECK_INTERVAL = default
     return out
 
 
@@ -198,8 +212,21 @@ def test_stop_token_and_response_mask(tp1, model_name):
     assert int(eos["response_lengths"][0]) <= 3
 
 
+@pytest.mark.parametrize("model_name", ["rope", "learned"])
+def test_stop_check_interval_does_not_change_the_output(tp1, model_name):
+    from megatron_distill.rollout.generate import STOP_CHECK_INTERVAL
+
+    res = tp1[1][model_name]
+    every_step = res["all_stop_every_1"]
+    assert not every_step["truncated"].any() and int(every_step["response_lengths"].max()) <= 2
+    assert every_step["tokens"].shape[1] < max(PROMPT_LENGTHS) + MAX_NEW  # it did stop early
+    for interval in sorted({3, STOP_CHECK_INTERVAL}):
+        for key, value in every_step.items():
+            assert torch.equal(res[f"all_stop_every_{interval}"][key], value), f"every {interval} steps: {key}"
+
+
 def _assert_same(got: dict, ref: dict, where: str) -> None:
-    for case in ("greedy", "temperature", "top_k_top_p", "top_p", "eos"):
+    for case in ("greedy", "temperature", "top_k_top_p", "top_p", "eos", "all_stop_every_1"):
         for key, value in ref[case].items():
             assert torch.equal(got[case][key], value), f"{where}: case {case}, {key} differs from TP1"
     assert got["eos_stop_id"] == ref["eos_stop_id"]
