@@ -280,16 +280,16 @@ def merge_check_warm_start(earlier: dict, results: dict) -> None:
 
 
 def merge_students(earlier: dict, results: dict) -> None:
-    """Carry ``earlier``'s methods that this run did not train, its teacher figures and its engine runs
-    into ``results`` (this run's own figures win)."""
+    """Carry ``earlier``'s students (every method ``results`` has no points for), its teacher figures,
+    engine runs and notes into ``results`` (this run's own figures win; lists are extended in place)."""
     for method, points in earlier["students"].items():
         if not results["students"].get(method):
             results["students"][method] = points
     for key in ("teacher_eval", "teacher_train_tokens", "teacher_final_loss"):
         if results.get(key) is None and earlier.get(key) is not None:
             results[key] = earlier[key]
-    results["engine_runs"] = earlier["engine_runs"] + results["engine_runs"]
-    results["notes"] = earlier["notes"] + results["notes"]
+    results["engine_runs"][:0] = earlier["engine_runs"]  # in place: run_engine appends to this list
+    results["notes"][:0] = earlier["notes"]
     results["merged_from"] = [*earlier.get("merged_from", []),
                               {"date": earlier.get("date", earlier.get("date_utc")), "device": earlier["device"],
                                "methods": sorted(earlier["students"]), "wall_seconds": earlier.get("wall_seconds")}]
@@ -420,6 +420,7 @@ def main() -> None:
           f"(with the hint {results['warm_start']['accuracy_with_hint']:.3f})", flush=True)
     if earlier is not None:
         merge_check_warm_start(earlier, results)
+        merge_students(earlier, results)  # now, so that every results.json written below has them
 
     # 3. students
     seg_iters = sc["student_iters"] // sc["segments"]
@@ -436,11 +437,12 @@ def main() -> None:
     }
     for method in methods:
         prev, tokens, first = warm, 0, 1
-        done = (earlier or {}).get("students", {}).get(method) or []
-        if done and (work / f"{method}_seg{len(done)}" / "config.json").exists():  # continue the merged run
+        done = results["students"].get(method) or []  # the merged run's segments of this method
+        if done and (work / f"{method}_seg{len(done)}" / "config.json").exists():  # continue after them
             prev, tokens, first = work / f"{method}_seg{len(done)}", done[-1]["train_tokens"], len(done) + 1
-            results["students"][method] = list(done)
             print(f"{method}: continuing after segment {len(done)} from {prev}", flush=True)
+        else:
+            results["students"][method] = []
         for seg in range(first, min(sc["segments"], args.max_segments or sc["segments"]) + 1):
             export = work / f"{method}_seg{seg}"
             shutil.rmtree(export, ignore_errors=True)  # left by a stopped run (its results do not have it)
@@ -480,8 +482,6 @@ def main() -> None:
         json.dump(results, open(out / "results.json", "w"), indent=1)
 
     results["wall_seconds"] = round(time.time() - t_start, 1)
-    if earlier is not None:
-        merge_students(earlier, results)
     json.dump(results, open(out / "results.json", "w"), indent=1)
     try:
         plot(results, out / "accuracy.png")
