@@ -2,22 +2,20 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import random
 from pathlib import Path
 
 import pytest
 
+from tests._modules import load_file_module
+
 _RUN = Path(__file__).resolve().parents[2] / "benchmarks" / "quality" / "run.py"
 
 
 @pytest.fixture(scope="module")
 def run():
-    spec = importlib.util.spec_from_file_location("quality_run", _RUN)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_file_module("quality_run", _RUN)
 
 
 def test_warm_start_rows_mix_plain_own_and_near_miss_hints(run):

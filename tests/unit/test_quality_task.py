@@ -2,23 +2,20 @@
 
 from __future__ import annotations
 
-import importlib.util
 import re
 from pathlib import Path
 
 import pytest
 
 from megatron_distill.rollout.rl import exact_match_reward
+from tests._modules import load_file_module
 
 _TASK = Path(__file__).resolve().parents[2] / "benchmarks" / "quality" / "task.py"
 
 
 @pytest.fixture(scope="module")
 def task():
-    spec = importlib.util.spec_from_file_location("quality_task", _TASK)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_file_module("quality_task", _TASK)
 
 
 @pytest.fixture(scope="module")

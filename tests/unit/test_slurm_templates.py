@@ -9,7 +9,6 @@ real torchrun.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import signal
@@ -22,21 +21,15 @@ from pathlib import Path
 
 import pytest
 
+from tests._modules import load_file_module
+
 ROOT = Path(__file__).resolve().parents[2]
 SLURM_DIR = ROOT / "launch" / "slurm"
 TEMPLATES = ("distill.sbatch", "teacher_service.sbatch")
 
 
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(f"slurm_{name}", SLURM_DIR / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look the module up
-    spec.loader.exec_module(module)
-    return module
-
-
-render_mod = _load("render")
-torchrun_node = _load("torchrun_node")
+render_mod = load_file_module("slurm_render", SLURM_DIR / "render.py")
+torchrun_node = load_file_module("slurm_torchrun_node", SLURM_DIR / "torchrun_node.py")
 
 
 def _values(template: str, **extra) -> dict:
