@@ -275,8 +275,6 @@ def merge_check_warm_start(earlier: dict, results: dict) -> None:
         raise SystemExit(f"--merge: the earlier run's warm start scored {a.get('correct')} / "
                          f"{a.get('accuracy_with_hint')} (with the hint), this run's {b.get('correct')} / "
                          f"{b.get('accuracy_with_hint')}: not the same warm start (pass the same --warm-dir)")
-    if b.get("train_tokens") is None:
-        b["train_tokens"] = a.get("train_tokens")
 
 
 def merge_students(earlier: dict, results: dict) -> None:
@@ -288,6 +286,9 @@ def merge_students(earlier: dict, results: dict) -> None:
     for key in ("teacher_eval", "teacher_train_tokens", "teacher_final_loss"):
         if results.get(key) is None and earlier.get(key) is not None:
             results[key] = earlier[key]
+    warm = results.get("warm_start")
+    if warm is not None and warm.get("train_tokens") is None:  # reused: the earlier run trained it
+        warm["train_tokens"] = (earlier.get("warm_start") or {}).get("train_tokens")
     results["engine_runs"][:0] = earlier["engine_runs"]  # in place: run_engine appends to this list
     results["notes"][:0] = earlier["notes"]
     results["merged_from"] = [*earlier.get("merged_from", []),
@@ -338,9 +339,10 @@ def main() -> None:
     ap.add_argument("--warm-dir", default=None,
                     help="reuse the warm-start student HF dir here if it exists, else save it there")
     ap.add_argument("--merge", default=None, metavar="RESULTS_JSON",
-                    help="an earlier run's results.json (same scale and seed, same --warm-dir): its methods that this "
-                         "run does not train, its teacher figures and its engine runs are carried into this run's "
-                         "results and plot")
+                    help="an earlier run's results.json (same scale and seed, same --warm-dir): its students, "
+                         "teacher figures and engine runs are carried into this run's results and plot; a method this "
+                         "run trains too continues after the earlier run's last segment when that export is in "
+                         "--work, else starts over")
     ap.add_argument("--teacher-dir", default=None,
                     help="reuse the teacher HF dir here if it exists (no teacher training), else save the trained one "
                          "there (split a run over several processes)")
@@ -431,8 +433,9 @@ def main() -> None:
         "kd": kd_extra,
         "gkd": kd_extra + ["--on-policy-fraction", str(ON_POLICY_FRACTION), "--rollout-temperature", "1.0",
                            "--rollout-max-new-tokens", str(MAX_NEW_TOKENS)],
-        "pcsd": ["--teacher", "self-frozen", "--kd-loss", "forward_kl", "--kd-loss-weight", "1",
-                 "--kd-ce-weight", "0", "--privileged-template", PRIVILEGED_TEMPLATE, "--on-policy-fraction", "1.0",
+        # the teacher flags come per segment (below)
+        "pcsd": ["--kd-loss", "forward_kl", "--kd-loss-weight", "1", "--kd-ce-weight", "0",
+                 "--privileged-template", PRIVILEGED_TEMPLATE, "--on-policy-fraction", "1.0",
                  "--rollout-temperature", "1.0", "--rollout-max-new-tokens", str(MAX_NEW_TOKENS)],
     }
     for method in methods:
@@ -452,8 +455,8 @@ def main() -> None:
             lr, flags = sc["student_lr"], extra[method]
             if method == "pcsd":
                 lr *= PCSD_LR_SCALE
-                if seg > 1:  # the teacher stays the initial student (the warm start), as in one long self-frozen run
-                    flags = ["--teacher-load", str(warm), *flags[2:]]
+                # the teacher stays the initial student (the warm start), as in one long self-frozen run
+                flags = (["--teacher", "self-frozen"] if seg == 1 else ["--teacher-load", str(warm)]) + flags
             cmd = engine_cmd(sc, prev, export, rows, seg_iters, lr, metrics, 2000 + seg, flags)
             try:
                 secs = run_engine(cmd, out / f"logs/{method}_seg{seg}.log", runs)
