@@ -186,6 +186,10 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--peak-tflops", type=float, default=989.0)
     parser.add_argument("--distributed-optimizer", action="store_true")
+    parser.add_argument("--use-precision-aware-optimizer", action="store_true",
+                        help="the engine's flag: fp32 master weights as bf16 weight + 16-bit remainder")
+    for name in ("main-grads-dtype", "exp-avg-dtype", "exp-avg-sq-dtype"):
+        parser.add_argument(f"--{name}", choices=["fp32", "bf16"], default="fp32", help="the engine's flag")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", default=None, help="JSON results file (rank 0 writes it)")
     args = parser.parse_args()
@@ -203,6 +207,9 @@ def main() -> None:
             global_batch_size=args.global_batch_size, train_iters=args.warmup + args.iters, lr=1e-5,
             lr_decay_style="constant", bf16=device_name == "cuda", device=device_name,
             use_distributed_optimizer=args.distributed_optimizer,
+            use_precision_aware_optimizer=args.use_precision_aware_optimizer,
+            main_grads_dtype=args.main_grads_dtype, exp_avg_dtype=args.exp_avg_dtype,
+            exp_avg_sq_dtype=args.exp_avg_sq_dtype,
         ),
     )
     validate(cfg, world)
@@ -230,6 +237,10 @@ def main() -> None:
             "seq_length": args.seq_length, "micro_batch_size": args.micro_batch_size,
             "global_batch_size": args.global_batch_size, "kd_loss": args.kd_loss,
             "kd_loss_impl": args.kd_loss_impl, "peak_tflops": args.peak_tflops,
+            "optimizer": {"use_precision_aware_optimizer": args.use_precision_aware_optimizer,
+                          "main_grads_dtype": args.main_grads_dtype, "exp_avg_dtype": args.exp_avg_dtype,
+                          "exp_avg_sq_dtype": args.exp_avg_sq_dtype,
+                          "distributed_optimizer": args.distributed_optimizer},
             "results": results,
         }
         print("| mode | ms/iter | tokens/s/GPU | MFU | peak GiB |")

@@ -28,6 +28,7 @@ from megatron_distill.config import (
     KD_LOSS_IMPLS,
     LR_DECAY_STYLES,
     NORMALIZATIONS,
+    OPTIMIZER_STATE_DTYPES,
     POSITION_EMBEDDINGS,
     ROLLOUT_BACKENDS,
     TRANSFORMER_IMPLS,
@@ -252,6 +253,40 @@ _TRAIN_FLAGS: tuple[_Flag, ...] = (
     _Flag("adam_beta2", float, _t("adam_beta2"), "Adam beta2."),
     _Flag("adam_eps", float, _t("adam_eps"), "Adam epsilon."),
     _Flag("bf16", bool, _t("bf16"), "Run both models in bfloat16 (fp32 master weights for the student)."),
+    _Flag(
+        "use_precision_aware_optimizer",
+        bool,
+        _t("use_precision_aware_optimizer"),
+        "With --bf16: keep the student's fp32 master weights as its bf16 weights plus 16-bit remainders "
+        "(exact, 2 bytes instead of 4 per parameter) and the gradients and Adam moments in "
+        "--main-grads-dtype / --exp-avg-dtype / --exp-avg-sq-dtype (18 bytes of state per parameter by "
+        "default; 12 with bf16 moments, 10 with bf16 gradients too). Not with --use-distributed-optimizer.",
+    ),
+    _Flag(
+        "main_grads_dtype",
+        str,
+        _t("main_grads_dtype"),
+        "Dtype of the student's gradient accumulation and data-parallel reduction "
+        "(needs --use-precision-aware-optimizer for bf16).",
+        OPTIMIZER_STATE_DTYPES,
+        "{" + ",".join(OPTIMIZER_STATE_DTYPES) + "}",
+    ),
+    _Flag(
+        "exp_avg_dtype",
+        str,
+        _t("exp_avg_dtype"),
+        "Dtype of Adam's first moment (needs --use-precision-aware-optimizer for bf16).",
+        OPTIMIZER_STATE_DTYPES,
+        "{" + ",".join(OPTIMIZER_STATE_DTYPES) + "}",
+    ),
+    _Flag(
+        "exp_avg_sq_dtype",
+        str,
+        _t("exp_avg_sq_dtype"),
+        "Dtype of Adam's second moment (needs --use-precision-aware-optimizer for bf16).",
+        OPTIMIZER_STATE_DTYPES,
+        "{" + ",".join(OPTIMIZER_STATE_DTYPES) + "}",
+    ),
     _Flag("seed", int, _t("seed"), "Random seed of model initialization and dropout."),
     _Flag("log_interval", int, _t("log_interval"), "Log metrics every N iterations."),
     _Flag(

@@ -51,7 +51,7 @@ from megatron.core.dist_checkpointing.validation import StrictHandling
 from megatron_distill import checkpoint_files as files
 from megatron_distill import checkpoint_io as cio
 from megatron_distill.checkpoint_files import find_latest_complete
-from megatron_distill.config import CheckpointConfig, DistillConfig
+from megatron_distill.config import CheckpointConfig, DistillConfig, TrainConfig
 
 __all__ = [
     "CheckpointError",
@@ -139,15 +139,20 @@ def check_config(saved: dict, cfg: DistillConfig, path: Path, *, model: str = "s
     """Raise ``CheckpointError`` if the checkpoint's ``model`` architecture differs from ``cfg``.
 
     The error names every differing field and its flag. A different parallel layout is allowed.
-    With ``loading_optimizer``, switching ``--use-distributed-optimizer`` or ``--bf16`` is an
-    error too (the optimizer state has another structure). Returns notes on the other
-    differences (training settings, data, the other model), which take effect.
+    With ``loading_optimizer``, switching ``--use-distributed-optimizer``, ``--bf16`` or
+    ``--use-precision-aware-optimizer`` is an error too (the optimizer state has another
+    structure). Returns notes on the other differences (training settings, data, the other
+    model), which take effect.
     """
     old, new = _flatten(saved), _flatten(dataclasses.asdict(cfg))
+    # Training settings added since the checkpoint was written had their default then.
+    for key, value in dataclasses.asdict(TrainConfig()).items():
+        old.setdefault(f"train.{key}", value)
     changed = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
     fatal = [k for k in changed if k.startswith(f"{model}.") and k.split(".", 1)[1] not in _NOT_ARCHITECTURE]
     if loading_optimizer:
-        fatal += [k for k in changed if k in ("train.use_distributed_optimizer", "train.bf16")]
+        fatal += [k for k in changed if k in ("train.use_distributed_optimizer", "train.bf16",
+                                                    "train.use_precision_aware_optimizer")]
     if fatal:
         lines = [f"{k} ({_flag(k)}): checkpoint {old.get(k)!r}, this run {new.get(k)!r}" for k in fatal]
         hint = " (or pass --no-load-optim)" if any(k.startswith("train.") for k in fatal) else ""

@@ -13,6 +13,7 @@ from megatron_distill.losses.reference import LOSS_KINDS
 NORMALIZATIONS = ("LayerNorm", "RMSNorm")
 POSITION_EMBEDDINGS = ("learned_absolute", "rope", "none")
 LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root", "WSD")
+OPTIMIZER_STATE_DTYPES = ("fp32", "bf16")
 TRANSFORMER_IMPLS = ("local", "transformer_engine")
 KD_LOSS_IMPLS = ("auto", "fused", "reference")
 DEVICES = ("auto", "cuda", "cpu")
@@ -111,6 +112,10 @@ class TrainConfig:
     transformer_impl: str = "local"
     device: str = "auto"
     use_distributed_optimizer: bool = False
+    use_precision_aware_optimizer: bool = False
+    main_grads_dtype: str = "fp32"
+    exp_avg_dtype: str = "fp32"
+    exp_avg_sq_dtype: str = "fp32"
     metrics_file: str | None = None
     teacher_pretrain_iters: int = 0
     teacher_pretrain_lr: float = 1e-3
@@ -382,6 +387,27 @@ def _check_sglang(cfg: DistillConfig) -> list[str]:
     return errors
 
 
+def _check_optimizer_precision(train: TrainConfig) -> list[str]:
+    errors = []
+    dtypes = {"--main-grads-dtype": train.main_grads_dtype, "--exp-avg-dtype": train.exp_avg_dtype,
+              "--exp-avg-sq-dtype": train.exp_avg_sq_dtype}
+    for flag, value in dtypes.items():
+        if value not in OPTIMIZER_STATE_DTYPES:
+            errors.append(f"{flag} must be one of {OPTIMIZER_STATE_DTYPES}, got {value!r}")
+    if train.use_precision_aware_optimizer:
+        if not train.bf16:
+            errors.append("--use-precision-aware-optimizer keeps fp32 master weights as the bf16 weights plus "
+                          "16-bit remainders: it needs --bf16")
+        if train.use_distributed_optimizer:
+            errors.append("--use-precision-aware-optimizer cannot be combined with --use-distributed-optimizer yet")
+    else:
+        changed = [flag for flag, value in dtypes.items() if value != "fp32"]
+        if changed:
+            errors.append(f"{', '.join(changed)} set without --use-precision-aware-optimizer (the default optimizer "
+                          "keeps fp32 gradients and moments)")
+    return errors
+
+
 def validate(cfg: DistillConfig, world_size: int) -> None:
     """Check the whole config for a world of ``world_size`` processes.
 
@@ -491,6 +517,7 @@ def validate(cfg: DistillConfig, world_size: int) -> None:
         )
     if train.device not in DEVICES:
         errors.append(f"--device must be one of {DEVICES}, got {train.device!r}")
+    errors += _check_optimizer_precision(train)
     if train.max_skipped_steps < 1:
         errors.append(f"--max-skipped-steps must be >= 1, got {train.max_skipped_steps}")
     if cfg.checkpoint.auto_resume and not cfg.checkpoint.save:

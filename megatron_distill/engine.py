@@ -101,7 +101,7 @@ def wrap_stage(stage: DistillStage, cfg: DistillConfig, pg: ProcessGroupCollecti
     """Wrap a stage in Megatron DDP (student params only), build optimizer and scheduler."""
     tcfg = stage.config
     ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True,
+        grad_reduce_in_fp32=cfg.train.main_grads_dtype == "fp32",
         overlap_grad_reduce=False,
         use_distributed_optimizer=cfg.train.use_distributed_optimizer,
         check_for_nan_in_grad=False,

@@ -291,6 +291,13 @@ def test_config_check_allows_a_new_layout_and_refuses_an_optimizer_switch(runs):
     with pytest.raises(CheckpointError, match="(?s)--no-load-optim.*use_distributed_optimizer"):
         check_config(saved, distopt, Path("ckpt"), loading_optimizer=True)
     assert check_config(saved, distopt, Path("ckpt"), loading_optimizer=False)
+    lean = dataclasses.replace(other_layout, train=dataclasses.replace(
+        other_layout.train, bf16=saved["train"]["bf16"], use_precision_aware_optimizer=True))
+    with pytest.raises(CheckpointError, match="(?s)--no-load-optim.*--use-precision-aware-optimizer"):
+        check_config(saved, lean, Path("ckpt"), loading_optimizer=True)
+    # A checkpoint written before a training setting existed reads as having its default.
+    older = {**saved, "train": {k: v for k, v in saved["train"].items() if k != "use_precision_aware_optimizer"}}
+    check_config(older, other_layout, Path("ckpt"), loading_optimizer=True)
 
 
 class _Boom:

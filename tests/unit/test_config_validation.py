@@ -374,6 +374,18 @@ def test_sglang_backend_rules():
           "--sglang-url needs --rollout-backend sglang")
 
 
+def test_precision_aware_optimizer_rules():
+    low = {"use_precision_aware_optimizer": True, "bf16": True, "main_grads_dtype": "bf16",
+           "exp_avg_dtype": "bf16", "exp_avg_sq_dtype": "bf16"}
+    validate(make(train=low), WORLD)
+    fails(make(train={**low, "bf16": False}), r"--use-precision-aware-optimizer .* needs --bf16")
+    fails(make(train={**low, "use_distributed_optimizer": True}),
+          "--use-precision-aware-optimizer cannot be combined with --use-distributed-optimizer")
+    fails(make(train={**low, "exp_avg_dtype": "fp16"}), r"--exp-avg-dtype must be one of \('fp32', 'bf16'\)")
+    fails(make(train={"exp_avg_sq_dtype": "bf16", "main_grads_dtype": "bf16"}),
+          "--main-grads-dtype, --exp-avg-sq-dtype set without --use-precision-aware-optimizer")
+
+
 def test_every_problem_is_listed_at_once():
     cfg = make(student={"num_layers": 3}, teacher={"vocab_size": 128}, loss={"beta": 2.0})
     with pytest.raises(ConfigError) as info:
