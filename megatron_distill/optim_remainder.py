@@ -10,8 +10,10 @@ apex). With the moments in bf16 too the state is 2 + 2 + 4 + 2 + 2 = 12 bytes pe
 10 with bf16 gradients.
 
 The update is torch's AdamW (decoupled weight decay, bias correction) computed in fp32 on the
-reconstructed master weight, in slices of at most ``SLICE_ELEMENTS`` elements so that its fp32
-temporaries stay small next to the 262 M-element embedding of a 128k vocabulary.
+reconstructed master weight: on CUDA by one Triton kernel per parameter
+(``optim_remainder_kernel``), elsewhere by torch ops in slices of at most ``SLICE_ELEMENTS``
+elements so that their fp32 temporaries stay small next to the 262 M-element embedding of a
+128k vocabulary.
 """
 
 from __future__ import annotations
@@ -60,12 +62,15 @@ class RemainderAdamW(torch.optim.Optimizer):
     ``exp_avg_sq`` (``exp_avg_dtype`` / ``exp_avg_sq_dtype``, each ``torch.float32`` or
     ``torch.bfloat16``), ``step`` (a 0-dim fp32 tensor, as torch's AdamW keeps it). The gradient
     is read from ``param.main_grad`` when present (Megatron DDP), else ``param.grad``.
+    ``use_kernel``: True / False forces the Triton kernel / the torch ops (tests); None picks the
+    kernel for CUDA parameters.
     """
 
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.01, exp_avg_dtype: torch.dtype = torch.float32,
-                 exp_avg_sq_dtype: torch.dtype = torch.float32):
+                 exp_avg_sq_dtype: torch.dtype = torch.float32, use_kernel: bool | None = None):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+        self.use_kernel = use_kernel  # None: the Triton kernel for CUDA tensors, torch ops otherwise
         self.exp_avg_dtype = exp_avg_dtype
         self.exp_avg_sq_dtype = exp_avg_sq_dtype
         for group in self.param_groups:
@@ -114,8 +119,17 @@ class RemainderAdamW(torch.optim.Optimizer):
                 state = self.init_state(param)
                 state["step"] += 1
                 step = int(state["step"].item())
-                self._update(param, grad, state, group["lr"], beta1, beta2, group["eps"],
-                             group["weight_decay"], step)
+                kernel = param.is_cuda if self.use_kernel is None else self.use_kernel
+                if kernel:
+                    from megatron_distill.optim_remainder_kernel import adamw_remainder_update_
+
+                    adamw_remainder_update_(param.data, state["param_remainder"], grad.contiguous(),
+                                            state["exp_avg"], state["exp_avg_sq"], lr=group["lr"], beta1=beta1,
+                                            beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
+                                            step=step)
+                else:
+                    self._update(param, grad, state, group["lr"], beta1, beta2, group["eps"],
+                                 group["weight_decay"], step)
         return loss
 
     @staticmethod

@@ -69,12 +69,22 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
+FINITE_CHECK_ELEMENTS = 1 << 25  # isfinite's temporaries per slice: ~6 bytes per fp32 element
+
+
 def local_grads_finite(ddp_model) -> bool:
-    """Whether every gradient in this rank's Megatron DDP grad buffers is finite."""
+    """Whether every gradient in this rank's Megatron DDP grad buffers is finite.
+
+    Checked in slices: ``torch.isfinite`` of a whole buffer allocates an ``abs()`` copy and two
+    bool tensors of its size (6 bytes per fp32 gradient: 6.9 GiB for a 1.2 B-parameter student),
+    which was the peak of the whole training step.
+    """
+    flags = []
     for buffer in list(getattr(ddp_model, "buffers", [])) + list(getattr(ddp_model, "expert_parallel_buffers", [])):
-        if not torch.isfinite(buffer.grad_data).all():
-            return False
-    return True
+        data = buffer.grad_data.view(-1)
+        for start in range(0, data.numel(), FINITE_CHECK_ELEMENTS):
+            flags.append(torch.isfinite(data[start:start + FINITE_CHECK_ELEMENTS]).all())
+    return bool(torch.stack(flags).all()) if flags else True
 
 
 def step_is_finite(loss_sums: torch.Tensor, ddp_model, device: torch.device) -> bool:

@@ -37,3 +37,23 @@ def test_fault_spec_parsing_and_nan_planting():
     assert faults.corrupt_batches(3, batches) == batches
     with pytest.raises(ValueError, match="bad entry 'boom:1:0'"):
         FaultInjector("boom:1:0")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gradient_check_finds_one_bad_value_anywhere(monkeypatch, dtype):
+    from types import SimpleNamespace
+
+    from megatron_distill import resilience
+
+    monkeypatch.setattr(resilience, "FINITE_CHECK_ELEMENTS", 8)  # slices of 8: 37 elements is 5 slices
+    buffers = [SimpleNamespace(grad_data=torch.randn(37, dtype=dtype)) for _ in range(2)]
+    model = SimpleNamespace(buffers=buffers, expert_parallel_buffers=[])
+    assert resilience.local_grads_finite(model)
+    for which in range(2):
+        for index in (0, 7, 8, 36):  # first, slice ends and starts, the last (partial) slice
+            for bad in (float("nan"), float("inf"), float("-inf")):
+                original = buffers[which].grad_data[index].item()
+                buffers[which].grad_data[index] = bad
+                assert not resilience.local_grads_finite(model), (which, index, bad)
+                buffers[which].grad_data[index] = original
+    assert resilience.local_grads_finite(SimpleNamespace())
