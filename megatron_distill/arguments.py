@@ -287,6 +287,13 @@ _TRAIN_FLAGS: tuple[_Flag, ...] = (
         OPTIMIZER_STATE_DTYPES,
         "{" + ",".join(OPTIMIZER_STATE_DTYPES) + "}",
     ),
+    _Flag(
+        "bias_swiglu_fusion",
+        bool,
+        _t("bias_swiglu_fusion"),
+        "On CUDA, Megatron's fused SwiGLU (torch.compile'd): fewer kernels, and one [tokens, FFN] activation "
+        "per layer less kept for backward. The CPU always runs the unfused ops.",
+    ),
     _Flag("seed", int, _t("seed"), "Random seed of model initialization and dropout."),
     _Flag("log_interval", int, _t("log_interval"), "Log metrics every N iterations."),
     _Flag(

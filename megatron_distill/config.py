@@ -116,6 +116,7 @@ class TrainConfig:
     main_grads_dtype: str = "fp32"
     exp_avg_dtype: str = "fp32"
     exp_avg_sq_dtype: str = "fp32"
+    bias_swiglu_fusion: bool = True
     metrics_file: str | None = None
     teacher_pretrain_iters: int = 0
     teacher_pretrain_lr: float = 1e-3

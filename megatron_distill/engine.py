@@ -51,7 +51,9 @@ def build_model(shape: ModelShape, cfg: DistillConfig, pg: ProcessGroupCollectio
                 device: torch.device | str = "cpu"):
     """This rank's stage of one GPT model on ``device``, in the training dtype."""
     pre, post = stage_flags(pg)
-    tcfg = transformer_config(shape, cfg.parallel, bf16=cfg.train.bf16, for_training=trainable)
+    # torch.compile's CPU backend needs a C++ toolchain at run time: the fusion is for CUDA only.
+    fuse = cfg.train.bias_swiglu_fusion and torch.device(device).type == "cuda"
+    tcfg = transformer_config(shape, cfg.parallel, bf16=cfg.train.bf16, for_training=trainable, swiglu_fusion=fuse)
     model = build_gpt_stage(
         shape, tcfg, pre_process=pre, post_process=post, pg_collection=pg,
         transformer_impl=cfg.train.transformer_impl,

@@ -35,8 +35,13 @@ def transformer_config(
     *,
     bf16: bool,
     for_training: bool,
+    swiglu_fusion: bool = False,
 ) -> TransformerConfig:
-    """Megatron ``TransformerConfig`` for one model. A frozen teacher gets no dropout."""
+    """Megatron ``TransformerConfig`` for one model. A frozen teacher gets no dropout.
+
+    ``swiglu_fusion``: Megatron's fused SwiGLU (``bias_swiglu_impl``, torch.compile'd; CUDA only
+    here): one kernel each way, and only the FFN input kept for backward, not also silu's output.
+    """
     dtype = torch.bfloat16 if bf16 else torch.float32
     return TransformerConfig(
         num_layers=shape.num_layers,
@@ -63,8 +68,8 @@ def transformer_config(
         pipeline_dtype=dtype,
         # Normalise by the global batch's token count (see training.py), not per micro-batch.
         calculate_per_token_loss=True,
-        # Fusions that need apex / TE / CUDA JIT are off; they do not change the math.
-        bias_activation_fusion=False,
+        # Fusions that need apex / TE are off; they do not change the math.
+        bias_activation_fusion=swiglu_fusion and shape.swiglu,
         masked_softmax_fusion=False,
         bias_dropout_fusion=False,
         gradient_accumulation_fusion=False,

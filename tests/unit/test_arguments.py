@@ -155,6 +155,7 @@ def every_flag_argv() -> tuple[list[str], list[tuple[str, str, object]]]:
         ("--adam-eps", "1e-6", "train", "adam_eps", 1e-6),
         ("--bf16", None, "train", "bf16", True),
         ("--use-precision-aware-optimizer", None, "train", "use_precision_aware_optimizer", True),
+        ("--no-bias-swiglu-fusion", None, "train", "bias_swiglu_fusion", False),
         ("--main-grads-dtype", "bf16", "train", "main_grads_dtype", "bf16"),
         ("--exp-avg-dtype", "bf16", "train", "exp_avg_dtype", "bf16"),
         ("--exp-avg-sq-dtype", "bf16", "train", "exp_avg_sq_dtype", "bf16"),

@@ -191,7 +191,7 @@ def test_triton_kernel_matches_the_torch_ops(moments, grad_dtype):
     twins = [torch.nn.Parameter(p.detach().clone()) for p in bf16]
     opts = [RemainderAdamW(ps, exp_avg_dtype=moments, exp_avg_sq_dtype=moments, use_kernel=k, **HYPER)
             for ps, k in ((bf16, True), (twins, False))]
-    for step in range(6):
+    for _step in range(6):
         grads = [torch.randn(s, generator=gen).to(grad_dtype).to(_device()) for s in shapes]
         for p, q, g in zip(bf16, twins, grads, strict=True):
             p.main_grad, q.main_grad = g.clone(), g.clone()
