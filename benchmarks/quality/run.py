@@ -139,6 +139,9 @@ def engine_cmd(sc: dict, load: Path, export: Path, data: Path, iters: int, lr: f
     ]
     if sc["bf16"]:
         cmd.append("--bf16")
+    # The recorded runs predate the fused SwiGLU (CUDA default since); for these small models its
+    # torch.compile start-up and the recompiles for each decode shape cost more than it saves.
+    cmd.append("--no-bias-swiglu-fusion")
     return cmd + extra
 
 
