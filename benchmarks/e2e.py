@@ -189,6 +189,8 @@ def main() -> None:
     parser.add_argument("--use-precision-aware-optimizer", action="store_true",
                         help="the engine's flag: fp32 master weights as bf16 weight + 16-bit remainder")
     parser.add_argument("--no-bias-swiglu-fusion", action="store_true", help="the engine's flag")
+    parser.add_argument("--recompute-modules", nargs="+", default=[], choices=["layernorm", "swiglu"],
+                        help="the engine's flag (the student's)")
     for name in ("main-grads-dtype", "exp-avg-dtype", "exp-avg-sq-dtype"):
         parser.add_argument(f"--{name}", choices=["fp32", "bf16"], default="fp32", help="the engine's flag")
     parser.add_argument("--device", default="auto")
@@ -211,6 +213,7 @@ def main() -> None:
             use_precision_aware_optimizer=args.use_precision_aware_optimizer,
             main_grads_dtype=args.main_grads_dtype, exp_avg_dtype=args.exp_avg_dtype,
             exp_avg_sq_dtype=args.exp_avg_sq_dtype, bias_swiglu_fusion=not args.no_bias_swiglu_fusion,
+            recompute_modules=list(args.recompute_modules),
         ),
     )
     validate(cfg, world)
@@ -243,6 +246,7 @@ def main() -> None:
                           "exp_avg_sq_dtype": args.exp_avg_sq_dtype,
                           "distributed_optimizer": args.distributed_optimizer},
             "bias_swiglu_fusion": cfg.train.bias_swiglu_fusion and ctx.device.type == "cuda",
+            "recompute_modules": list(args.recompute_modules),
             "results": results,
         }
         print("| mode | ms/iter | tokens/s/GPU | MFU | peak GiB |")

@@ -30,6 +30,7 @@ from megatron_distill.config import (
     NORMALIZATIONS,
     OPTIMIZER_STATE_DTYPES,
     POSITION_EMBEDDINGS,
+    RECOMPUTE_MODULES,
     ROLLOUT_BACKENDS,
     TRANSFORMER_IMPLS,
     CheckpointConfig,
@@ -293,6 +294,17 @@ _TRAIN_FLAGS: tuple[_Flag, ...] = (
         _t("bias_swiglu_fusion"),
         "On CUDA, Megatron's fused SwiGLU (torch.compile'd): fewer kernels, and one [tokens, FFN] activation "
         "per layer less kept for backward. The CPU always runs the unfused ops.",
+    ),
+    _Flag(
+        "recompute_modules",
+        str,
+        None,
+        "Student activations not kept for backward but recomputed from what is kept: layernorm "
+        "(the outputs of both norms of every layer, Megatron's selective recompute), swiglu (the "
+        "MLP activation's output, linear_fc2's input). Element-wise work only; gradients unchanged.",
+        RECOMPUTE_MODULES,
+        "MODULE",
+        "+",
     ),
     _Flag("seed", int, _t("seed"), "Random seed of model initialization and dropout."),
     _Flag("log_interval", int, _t("log_interval"), "Log metrics every N iterations."),
@@ -1093,6 +1105,7 @@ def _build_config(values: dict[str, Any]) -> DistillConfig:
     sections["checkpoint"]["student_hf"] = values.get("student_hf")
     for name in ("train_data", "data_path"):
         sections["data"][name] = list(sections["data"][name] or [])
+    sections["train"]["recompute_modules"] = list(sections["train"]["recompute_modules"] or [])
     return DistillConfig(
         student=student,
         teacher=teacher,

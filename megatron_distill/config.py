@@ -14,6 +14,7 @@ NORMALIZATIONS = ("LayerNorm", "RMSNorm")
 POSITION_EMBEDDINGS = ("learned_absolute", "rope", "none")
 LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root", "WSD")
 OPTIMIZER_STATE_DTYPES = ("fp32", "bf16")
+RECOMPUTE_MODULES = ("layernorm", "swiglu")
 TRANSFORMER_IMPLS = ("local", "transformer_engine")
 KD_LOSS_IMPLS = ("auto", "fused", "reference")
 DEVICES = ("auto", "cuda", "cpu")
@@ -117,6 +118,7 @@ class TrainConfig:
     exp_avg_dtype: str = "fp32"
     exp_avg_sq_dtype: str = "fp32"
     bias_swiglu_fusion: bool = True
+    recompute_modules: list[str] = field(default_factory=list)
     metrics_file: str | None = None
     teacher_pretrain_iters: int = 0
     teacher_pretrain_lr: float = 1e-3
@@ -519,6 +521,13 @@ def validate(cfg: DistillConfig, world_size: int) -> None:
     if train.device not in DEVICES:
         errors.append(f"--device must be one of {DEVICES}, got {train.device!r}")
     errors += _check_optimizer_precision(train)
+    unknown = [m for m in train.recompute_modules if m not in RECOMPUTE_MODULES]
+    if unknown:
+        errors.append(f"--recompute-modules: {unknown} not supported (choose from {RECOMPUTE_MODULES})")
+    if "swiglu" in train.recompute_modules and not cfg.student.swiglu:
+        errors.append("--recompute-modules swiglu needs a SwiGLU student (--swiglu)")
+    if train.recompute_modules and train.transformer_impl != "local":
+        errors.append("--recompute-modules applies to --transformer-impl local")
     if train.max_skipped_steps < 1:
         errors.append(f"--max-skipped-steps must be >= 1, got {train.max_skipped_steps}")
     if cfg.checkpoint.auto_resume and not cfg.checkpoint.save:

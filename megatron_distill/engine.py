@@ -53,10 +53,12 @@ def build_model(shape: ModelShape, cfg: DistillConfig, pg: ProcessGroupCollectio
     pre, post = stage_flags(pg)
     # torch.compile's CPU backend needs a C++ toolchain at run time: the fusion is for CUDA only.
     fuse = cfg.train.bias_swiglu_fusion and torch.device(device).type == "cuda"
-    tcfg = transformer_config(shape, cfg.parallel, bf16=cfg.train.bf16, for_training=trainable, swiglu_fusion=fuse)
+    recompute = set(cfg.train.recompute_modules) if trainable else set()  # a frozen model keeps nothing
+    tcfg = transformer_config(shape, cfg.parallel, bf16=cfg.train.bf16, for_training=trainable, swiglu_fusion=fuse,
+                              recompute_norms="layernorm" in recompute)
     model = build_gpt_stage(
         shape, tcfg, pre_process=pre, post_process=post, pg_collection=pg,
-        transformer_impl=cfg.train.transformer_impl,
+        transformer_impl=cfg.train.transformer_impl, recompute_swiglu="swiglu" in recompute,
     )
     # Like Megatron-LM's Float16Module: the whole stage (norms included) in the training dtype.
     return model.to(device=device, dtype=tcfg.params_dtype)

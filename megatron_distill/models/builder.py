@@ -21,6 +21,7 @@ from megatron.core.transformer.transformer_block import TransformerBlock, Transf
 
 from megatron_distill.config import ModelShape, ParallelConfig
 from megatron_distill.models.norms import TorchNorm
+from megatron_distill.models.recompute_mlp import ActivationRecomputeMLP, fix_checkpoint_without_output_default
 from megatron_distill.models.sdpa_attention import SDPACoreAttention
 
 
@@ -36,13 +37,18 @@ def transformer_config(
     bf16: bool,
     for_training: bool,
     swiglu_fusion: bool = False,
+    recompute_norms: bool = False,
 ) -> TransformerConfig:
     """Megatron ``TransformerConfig`` for one model. A frozen teacher gets no dropout.
 
     ``swiglu_fusion``: Megatron's fused SwiGLU (``bias_swiglu_impl``, torch.compile'd; CUDA only
     here): one kernel each way, and only the FFN input kept for backward, not also silu's output.
+    ``recompute_norms``: Megatron's selective recompute of the two norms of every layer (their
+    outputs are not kept; recomputed from their inputs, which are kept anyway).
     """
     dtype = torch.bfloat16 if bf16 else torch.float32
+    if recompute_norms:
+        fix_checkpoint_without_output_default()
     return TransformerConfig(
         num_layers=shape.num_layers,
         hidden_size=shape.hidden_size,
@@ -75,14 +81,16 @@ def transformer_config(
         gradient_accumulation_fusion=False,
         persist_layer_norm=False,
         apply_rope_fusion=False,
+        **({"recompute_granularity": "selective", "recompute_modules": ["layernorm"]} if recompute_norms else {}),
     )
 
 
-def layer_spec(shape: ModelShape, transformer_impl: str, layers_on_stage: int):
+def layer_spec(shape: ModelShape, transformer_impl: str, layers_on_stage: int, recompute_swiglu: bool = False):
     """Megatron spec of this stage's transformer block: local modules or Transformer Engine.
 
     The local spec swaps Megatron's torch norm wrapper for ``TorchNorm`` (sequence parallelism
-    without apex) and its unfused core attention for ``SDPACoreAttention`` (flash kernels).
+    without apex) and its unfused core attention for ``SDPACoreAttention`` (flash kernels);
+    ``recompute_swiglu`` its MLP for ``ActivationRecomputeMLP``.
     """
     if transformer_impl == "transformer_engine":
         return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=shape.qk_layernorm)
@@ -92,6 +100,8 @@ def layer_spec(shape: ModelShape, transformer_impl: str, layers_on_stage: int):
     sub.pre_mlp_layernorm = TorchNorm
     attn = sub.self_attention.submodules
     attn.core_attention = SDPACoreAttention
+    if recompute_swiglu:
+        sub.mlp = ModuleSpec(module=ActivationRecomputeMLP, submodules=sub.mlp.submodules)
     if shape.qk_layernorm:
         attn.q_layernorm = TorchNorm
         attn.k_layernorm = TorchNorm
@@ -109,6 +119,7 @@ def build_gpt_stage(
     post_process: bool,
     pg_collection: ProcessGroupCollection,
     transformer_impl: str = "local",
+    recompute_swiglu: bool = False,
 ) -> GPTModel:
     """This rank's part of a GPT model: its layers of its PP stage, its TP shard of each.
 
@@ -118,7 +129,7 @@ def build_gpt_stage(
     return GPTModel(
         config=config,
         transformer_layer_spec=layer_spec(
-            shape, transformer_impl, shape.num_layers // pg_collection.pp.size()
+            shape, transformer_impl, shape.num_layers // pg_collection.pp.size(), recompute_swiglu
         ),
         vocab_size=padded_vocab_size(shape.vocab_size, pg_collection.tp.size()),
         max_sequence_length=shape.max_position_embeddings,

@@ -34,8 +34,9 @@ def _run(script: str, out: Path, *flags: str) -> dict:
 @pytest.mark.timeout(300)
 def test_e2e_script(tmp_path):
     record = _run("e2e.py", tmp_path / "e2e.json", "--seq-length", "64", "--global-batch-size", "2",
-                  "--iters", "1", "--warmup", "1")
+                  "--iters", "1", "--warmup", "1", "--recompute-modules", "layernorm", "swiglu")
     assert [r["mode"] for r in record["results"]] == ["distill", "student_ce", "teacher_fwd"]
+    assert record["recompute_modules"] == ["layernorm", "swiglu"]
     for r in record["results"]:
         assert "error" not in r, r
         assert math.isfinite(r["tokens_per_sec_per_gpu"]) and r["tokens_per_sec_per_gpu"] > 0

@@ -386,6 +386,14 @@ def test_precision_aware_optimizer_rules():
           "--main-grads-dtype, --exp-avg-sq-dtype set without --use-precision-aware-optimizer")
 
 
+def test_recompute_modules_rules():
+    validate(make(train={"recompute_modules": ["layernorm", "swiglu"]}, student={"swiglu": True}), WORLD)
+    fails(make(train={"recompute_modules": ["mlp"]}), r"--recompute-modules: \['mlp'\] not supported")
+    fails(make(train={"recompute_modules": ["swiglu"]}), "--recompute-modules swiglu needs a SwiGLU student")
+    fails(make(train={"recompute_modules": ["layernorm"], "transformer_impl": "transformer_engine"}),
+          "--recompute-modules applies to --transformer-impl local")
+
+
 def test_every_problem_is_listed_at_once():
     cfg = make(student={"num_layers": 3}, teacher={"vocab_size": 128}, loss={"beta": 2.0})
     with pytest.raises(ConfigError) as info:
