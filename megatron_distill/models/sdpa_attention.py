@@ -55,6 +55,11 @@ class SDPACoreAttention(MegatronModule):
         sq, b, heads, head_dim = query.shape
         # [s, b, n, d] -> [b, n, s, d]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+        if torch.is_grad_enabled() and value.requires_grad:
+            # Megatron's value is a view of linear_qkv's whole output (queries and keys included;
+            # those went through RoPE into new tensors). Saved for backward as a view, it would keep
+            # that whole [s, b, (np + 2 ng) hn] buffer alive; a copy keeps only [s, b, ng hn].
+            v = v.contiguous()
         attn_mask = None
         is_causal = False
         sk = k.shape[2]
