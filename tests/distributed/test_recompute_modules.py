@@ -34,8 +34,8 @@ ITERS = 3
 MODES = {"none": [], "layernorm": ["layernorm"], "swiglu": ["swiglu"], "both": ["layernorm", "swiglu"]}
 
 
-def _config(tp: int, pp: int, modules: list[str]) -> DistillConfig:
-    cfg = make_config(tp, pp, train_iters=ITERS)
+def _config(tp: int, pp: int, modules: list[str], sequence_parallel: bool = False) -> DistillConfig:
+    cfg = make_config(tp, pp, train_iters=ITERS, sequence_parallel=sequence_parallel)
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, recompute_modules=modules))
 
 
@@ -135,6 +135,9 @@ def worker() -> dict:
     for layout, tp, pp in (("tp2", 2, 1), ("pp2", 1, 2)):
         for name, modules in MODES.items():
             out[f"{layout}_{name}"] = _run(_config(tp, pp, modules))
+    # Sequence parallelism: linear_fc2 reduce-scatters, the recompute hook sits on its output.
+    for name in ("none", "both"):
+        out[f"tp2sp_{name}"] = _run(_config(2, 1, MODES[name], sequence_parallel=True))
     return out
 
 
@@ -151,8 +154,8 @@ def runs() -> dict:
     return run_distributed(worker, 2, init_process_group=False, timeout=600)[0]
 
 
-@pytest.mark.parametrize("layout", ["tp2", "pp2"])
-@pytest.mark.parametrize("name", ["layernorm", "swiglu", "both"])
+@pytest.mark.parametrize(("layout", "name"), [(layout, name) for layout in ("tp2", "pp2")
+                                               for name in ("layernorm", "swiglu", "both")] + [("tp2sp", "both")])
 def test_recompute_trains_like_keeping(runs, layout, name):
     ours, reference = runs[f"{layout}_{name}"], runs[f"{layout}_none"]
     assert len(ours["losses"]) == ITERS
