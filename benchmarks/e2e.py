@@ -6,8 +6,9 @@ Run with torchrun, one process per GPU (the layout is --tp x --pp x DP):
         --out benchmarks/results/e2e_h100.json
 
 For every mode it runs ``--warmup`` + ``--iters`` iterations on random tokens and reports the
-median iteration time, tokens/s per GPU, MFU, peak memory per GPU and the split between
-forward+backward and the optimizer step. Modes:
+median iteration time, tokens/s per GPU, MFU, peak memory per GPU, the memory held between
+iterations (weights, gradient buffers, optimizer state) and the split between forward+backward
+and the optimizer step. Modes:
   distill      student trained on the distillation loss with the frozen teacher (the product)
   student_ce   the student alone trained with cross-entropy (no teacher)
   teacher_fwd  the teacher's forward pass alone (no grad), output layer included
@@ -148,11 +149,14 @@ def run_mode(mode: str, cfg: DistillConfig, pg, device, args, world: int) -> dic
     else:
         flops_tok = forward_flops_per_token(cfg.teacher, seq)
     tok_s_gpu = tokens / median / world
-    peak = None
+    peak = held = None
     if device.type == "cuda":
-        peak_t = torch.tensor([torch.cuda.max_memory_allocated() - base], dtype=torch.float64, device=device)
-        dist.all_reduce(peak_t, op=dist.ReduceOp.MAX)
-        peak = peak_t.item() / 2**30
+        # held: what stays allocated between iterations (weights, gradient buffers, optimizer state);
+        # peak - held is what an iteration adds on top (activations, loss buffers, temporaries).
+        mem = torch.tensor([torch.cuda.max_memory_allocated() - base, torch.cuda.memory_allocated() - base],
+                           dtype=torch.float64, device=device)
+        dist.all_reduce(mem, op=dist.ReduceOp.MAX)
+        peak, held = (mem / 2**30).tolist()
     result = {
         "mode": mode,
         "iteration_seconds": times,
@@ -164,6 +168,7 @@ def run_mode(mode: str, cfg: DistillConfig, pg, device, args, world: int) -> dic
         "model_flops_per_token": flops_tok,
         "mfu": tok_s_gpu * flops_tok / (args.peak_tflops * 1e12),
         "peak_memory_gib_max_over_ranks": peak,
+        "held_memory_gib_max_over_ranks": held,
         "final_loss": stats.loss,
     }
     del engine
@@ -249,16 +254,16 @@ def main() -> None:
             "recompute_modules": list(args.recompute_modules),
             "results": results,
         }
-        print("| mode | ms/iter | tokens/s/GPU | MFU | peak GiB |")
-        print("| --- | --- | --- | --- | --- |")
+        print("| mode | ms/iter | tokens/s/GPU | MFU | peak GiB | held GiB |")
+        print("| --- | --- | --- | --- | --- | --- |")
         for r in results:
             if "error" in r:
-                print(f"| {r['mode']} | {r['error'][:60]} | | | |")
+                print(f"| {r['mode']} | {r['error'][:60]} | | | | |")
             else:
-                peak = r["peak_memory_gib_max_over_ranks"]
+                peak, held = r["peak_memory_gib_max_over_ranks"], r["held_memory_gib_max_over_ranks"]
                 print(f"| {r['mode']} | {r['median_iteration_seconds'] * 1e3:.1f} | "
                       f"{r['tokens_per_sec_per_gpu']:,.0f} | {r['mfu'] * 100:.1f}% | "
-                      f"{'-' if peak is None else f'{peak:.1f}'} |")
+                      f"{'-' if peak is None else f'{peak:.1f}'} | {'-' if held is None else f'{held:.1f}'} |")
         write_record(args.out, record)
     dist.barrier()
     dist.destroy_process_group()
