@@ -129,3 +129,29 @@ def run_layout(weights_path: str, tp: int, pp: int, iters: int = 3, **cfg_kwargs
     result["teacher_requires_grad"] = any(p.requires_grad for p in teacher.parameters())
     result["teacher_training_mode"] = teacher.training
     return result
+
+
+def run_keeping_engine(cfg: DistillConfig) -> tuple[list, object]:
+    """``runner.run(cfg)`` in this (already started) process; returns its per-iteration statistics
+    and the Engine it trained (to inspect weights and optimizer state). Tears down the parallel
+    state after."""
+    import io
+
+    from megatron.core import parallel_state
+
+    from megatron_distill import runner
+
+    engines = []
+    real_wrap = runner.wrap_stage
+
+    def capturing_wrap(*args, **kwargs):
+        engines.append(real_wrap(*args, **kwargs))
+        return engines[-1]
+
+    runner.wrap_stage = capturing_wrap
+    try:
+        history = runner.run(cfg, stream=io.StringIO())
+        return history, engines[-1]
+    finally:
+        runner.wrap_stage = real_wrap
+        parallel_state.destroy_model_parallel()

@@ -14,14 +14,13 @@ run still learns, and a resume from its checkpoint continues bitwise.
 from __future__ import annotations
 
 import dataclasses
-import io
 
 import pytest
 import torch
 
 from megatron_distill.config import CheckpointConfig, DistillConfig
 from tests._dist_utils import run_distributed
-from tests.distributed.engine_cases import make_config
+from tests.distributed.engine_cases import make_config, run_keeping_engine
 
 ITERS = 6
 COMPARE_ITERS = 4  # see test_fp32_states_match_megatrons_mixed_precision_optimizer
@@ -53,27 +52,10 @@ def _state_bytes(engine) -> dict:
 
 
 def _phase(cfg: DistillConfig) -> dict:
-    from megatron.core import parallel_state
-
-    from megatron_distill import runner
-
-    engines = []
-    real_wrap = runner.wrap_stage
-
-    def capturing_wrap(*args, **kwargs):
-        engines.append(real_wrap(*args, **kwargs))
-        return engines[-1]
-
-    runner.wrap_stage = capturing_wrap
-    try:
-        history = runner.run(cfg, stream=io.StringIO())
-        weights = torch.cat([p.detach().float().flatten() for p in engines[-1].model.parameters()
-                             if p.requires_grad])
-        return {"losses": [s.loss for s in history], "grad_norms": [s.grad_norm for s in history],
-                "bytes": _state_bytes(engines[-1]), "weights": weights}
-    finally:
-        runner.wrap_stage = real_wrap
-        parallel_state.destroy_model_parallel()
+    history, engine = run_keeping_engine(cfg)
+    weights = torch.cat([p.detach().float().flatten() for p in engine.model.parameters() if p.requires_grad])
+    return {"losses": [s.loss for s in history], "grad_norms": [s.grad_norm for s in history],
+            "bytes": _state_bytes(engine), "weights": weights}
 
 
 def worker(root: str) -> dict:

@@ -21,14 +21,13 @@ output instead. Parameters are not counted.
 from __future__ import annotations
 
 import dataclasses
-import io
 
 import pytest
 import torch
 
 from megatron_distill.config import DistillConfig
 from tests._dist_utils import run_distributed
-from tests.distributed.engine_cases import STUDENT, make_config
+from tests.distributed.engine_cases import STUDENT, make_config, run_keeping_engine
 
 ITERS = 3
 MODES = {"none": [], "layernorm": ["layernorm"], "swiglu": ["swiglu"], "both": ["layernorm", "swiglu"]}
@@ -40,27 +39,10 @@ def _config(tp: int, pp: int, modules: list[str], sequence_parallel: bool = Fals
 
 
 def _run(cfg: DistillConfig) -> dict:
-    import torch
-    from megatron.core import parallel_state
-
-    from megatron_distill import runner
-
-    engines = []
-    real_wrap = runner.wrap_stage
-
-    def capturing_wrap(*args, **kwargs):
-        engines.append(real_wrap(*args, **kwargs))
-        return engines[-1]
-
-    runner.wrap_stage = capturing_wrap
-    try:
-        history = runner.run(cfg, stream=io.StringIO())
-        weights = torch.cat([p.detach().flatten() for p in engines[-1].stage.student.parameters()])
-        return {"losses": [s.loss for s in history], "grad_norms": [s.grad_norm for s in history],
-                "weights": weights}
-    finally:
-        runner.wrap_stage = real_wrap
-        parallel_state.destroy_model_parallel()
+    history, engine = run_keeping_engine(cfg)
+    weights = torch.cat([p.detach().flatten() for p in engine.stage.student.parameters()])
+    return {"losses": [s.loss for s in history], "grad_norms": [s.grad_norm for s in history],
+            "weights": weights}
 
 
 def _kept_bytes(modules: list[str], tokens_shape: tuple[int, int]) -> int:
