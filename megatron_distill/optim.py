@@ -16,7 +16,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.transformer.module import param_is_not_shared
 
 from megatron_distill.config import TrainConfig
-from megatron_distill.optim_remainder import MOMENT_DTYPES, RemainderAdamW
+from megatron_distill.optim_remainder import MOMENT_DTYPES, RemainderAdamW, gradient_of
 
 
 class PrecisionAwareOptimizer(FP32Optimizer):
@@ -35,8 +35,7 @@ class PrecisionAwareOptimizer(FP32Optimizer):
     def _grads(self, for_norm: bool) -> list[torch.Tensor]:
         grads = []
         for param in self.get_parameters():
-            grad = getattr(param, "main_grad", None)
-            grad = param.grad if grad is None else grad
+            grad = gradient_of(param)
             if grad is None:
                 continue
             if for_norm and not (param_is_not_shared(param) and tensor_parallel.param_is_not_tensor_parallel_duplicate(

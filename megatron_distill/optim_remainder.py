@@ -48,9 +48,9 @@ def join_master(weight: torch.Tensor, remainder: torch.Tensor) -> torch.Tensor:
     return ((high << 16) + remainder.to(torch.int32)).view(torch.float32)
 
 
-def _gradient(param: torch.Tensor) -> torch.Tensor | None:
-    # Megatron's DDP accumulates into param.main_grad (fp32 or bf16 by --main-grads-dtype);
-    # param.grad is unused there. Plain modules (tests) use param.grad.
+def gradient_of(param: torch.Tensor) -> torch.Tensor | None:
+    """``param``'s gradient, same shape: ``param.main_grad`` where Megatron's DDP accumulates it
+    (fp32 or bf16 by --main-grads-dtype; ``param.grad`` is unused there), else ``param.grad``."""
     grad = getattr(param, "main_grad", None)
     return param.grad if grad is None else grad
 
@@ -113,7 +113,7 @@ class RemainderAdamW(torch.optim.Optimizer):
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             for param in group["params"]:
-                grad = _gradient(param)
+                grad = gradient_of(param)
                 if grad is None:
                     continue
                 state = self.init_state(param)
