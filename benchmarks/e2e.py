@@ -19,6 +19,7 @@ over the GPU's dense bf16 peak (--peak-tflops, default 989 for an H100 SXM).
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import os
 import statistics
@@ -27,9 +28,10 @@ from dataclasses import asdict, replace
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import memory_breakdown  # noqa: E402  (benchmarks/, the script's directory)
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-from run_record import run_header, write_record  # noqa: E402  (benchmarks/, the script's directory)
+from run_record import run_header, write_record  # noqa: E402
 
 from megatron_distill.config import (  # noqa: E402
     DistillConfig,
@@ -157,6 +159,17 @@ def run_mode(mode: str, cfg: DistillConfig, pg, device, args, world: int) -> dic
                            dtype=torch.float64, device=device)
         dist.all_reduce(mem, op=dist.ReduceOp.MAX)
         peak, held = (mem / 2**30).tolist()
+    breakdown = None
+    if args.memory_breakdown and device.type == "cuda":
+        # one more iteration, untimed: the allocator history slows it down
+        it = args.warmup + args.iters
+        batches = random_batches(cfg.student.vocab_size, cfg.train.seq_length, cfg.train.micro_batch_size,
+                                 n_micro, seed=1000 * it + pg.dp.rank())
+        breakdown = memory_breakdown.record(
+            functools.partial(run_iteration, engine, batches, it + 1, device, forward_only=forward_only),
+            device.index or 0)
+        if dist.get_rank() == 0:
+            print(memory_breakdown.format_breakdown(breakdown), flush=True)
     result = {
         "mode": mode,
         "iteration_seconds": times,
@@ -170,6 +183,7 @@ def run_mode(mode: str, cfg: DistillConfig, pg, device, args, world: int) -> dic
         "peak_memory_gib_max_over_ranks": peak,
         "held_memory_gib_max_over_ranks": held,
         "final_loss": stats.loss,
+        **({"memory_at_peak_rank0": breakdown} if breakdown is not None else {}),
     }
     del engine
     gc.collect()
@@ -194,10 +208,14 @@ def main() -> None:
     parser.add_argument("--use-precision-aware-optimizer", action="store_true",
                         help="the engine's flag: fp32 master weights as bf16 weight + 16-bit remainder")
     parser.add_argument("--no-bias-swiglu-fusion", action="store_true", help="the engine's flag")
+    parser.add_argument("--no-output-layer-grad-accumulation-fusion", action="store_true", help="the engine's flag")
     parser.add_argument("--recompute-modules", nargs="+", default=[], choices=["layernorm", "swiglu"],
                         help="the engine's flag (the student's)")
     for name in ("main-grads-dtype", "exp-avg-dtype", "exp-avg-sq-dtype"):
         parser.add_argument(f"--{name}", choices=["fp32", "bf16"], default="fp32", help="the engine's flag")
+    parser.add_argument("--memory-breakdown", action="store_true",
+                        help="after the timed iterations, one more under the CUDA allocator history: what was "
+                             "allocated at its peak, by the line that allocated it (benchmarks/memory_breakdown.py)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", default=None, help="JSON results file (rank 0 writes it)")
     args = parser.parse_args()
@@ -218,6 +236,7 @@ def main() -> None:
             use_precision_aware_optimizer=args.use_precision_aware_optimizer,
             main_grads_dtype=args.main_grads_dtype, exp_avg_dtype=args.exp_avg_dtype,
             exp_avg_sq_dtype=args.exp_avg_sq_dtype, bias_swiglu_fusion=not args.no_bias_swiglu_fusion,
+            output_layer_grad_accumulation_fusion=not args.no_output_layer_grad_accumulation_fusion,
             recompute_modules=list(args.recompute_modules),
         ),
     )
@@ -252,6 +271,7 @@ def main() -> None:
                           "distributed_optimizer": args.distributed_optimizer},
             "bias_swiglu_fusion": cfg.train.bias_swiglu_fusion and ctx.device.type == "cuda",
             "recompute_modules": list(args.recompute_modules),
+            "output_layer_grad_accumulation_fusion": cfg.train.output_layer_grad_accumulation_fusion,
             "results": results,
         }
         print("| mode | ms/iter | tokens/s/GPU | MFU | peak GiB | held GiB |")

@@ -296,6 +296,15 @@ _TRAIN_FLAGS: tuple[_Flag, ...] = (
         "per layer less kept for backward. The CPU always runs the unfused ops.",
     ),
     _Flag(
+        "output_layer_grad_accumulation_fusion",
+        bool,
+        _t("output_layer_grad_accumulation_fusion"),
+        "With the fused loss (--kd-loss-impl fused, local teacher), add the student output layer's weight "
+        "gradient straight into its gradient buffer (main_grad) during the loss's forward (Megatron's "
+        "gradient-accumulation fusion, for this layer), instead of holding a [vocab, hidden] gradient until "
+        "backward: that much less memory at the step's peak.",
+    ),
+    _Flag(
         "recompute_modules",
         str,
         None,

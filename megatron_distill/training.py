@@ -87,9 +87,20 @@ def _rl_term(engine: Engine, batch: dict) -> RLTerm | None:
     return RLTerm(batch["advantages"], rollout.rl_loss_weight, temperature)
 
 
+def schedule_loss_scale(engine: Engine) -> float | None:
+    """The factor Megatron's schedule multiplies each micro-batch's loss by before backward
+    (``config.grad_scale_func``, the optimizer's ``scale_loss``): 1 without a gradient scaler
+    (bf16, fp32); a dynamic fp16 scaler's current scale. None without an optimizer."""
+    if engine.optimizer is None:
+        return None
+    scaler = getattr(engine.optimizer, "grad_scaler", None)
+    return 1.0 if scaler is None else float(scaler.scale)
+
+
 def make_forward_step(engine: Engine, device: torch.device) -> Callable:
     """Megatron ``forward_step_func``: runs the stage, binds the teacher's output into the loss."""
     loss_cfg = engine.cfg.loss
+    fusion_loss_scale = schedule_loss_scale(engine) if engine.cfg.train.output_layer_grad_accumulation_fusion else None
 
     def forward_step(data_iterator, model):
         batch = _to_device(next(data_iterator), device)
@@ -120,7 +131,7 @@ def make_forward_step(engine: Engine, device: torch.device) -> Callable:
                 loss, tokens, stats = fused_distill_loss_sums(
                     output_tensor, student_weight, teacher_hidden, teacher_weight, batch["loss_mask"],
                     loss_cfg, engine.vocab_shard, engine.pg.tp, engine.cfg.parallel.sequence_parallel,
-                    on_policy=batch.get("on_policy"),
+                    on_policy=batch.get("on_policy"), loss_scale=fusion_loss_scale,
                 )
                 return loss, tokens, _flag_teacher(stats, teacher_hidden)
 

@@ -35,7 +35,13 @@ from dataclasses import dataclass
 import torch
 
 from megatron_distill.losses.kernels import distill_elementwise as ew
-from megatron_distill.losses.output_layer_grads import OutputLayerGrads, counted_tokens, rows, scale_saved_grads
+from megatron_distill.losses.output_layer_grads import (
+    OutputLayerGrads,
+    check_promised_scale,
+    counted_tokens,
+    rows,
+    scale_saved_grads,
+)
 from megatron_distill.losses.reference import check_loss_args
 from megatron_distill.losses.tp_collectives import (
     ProcessGroup,
@@ -171,8 +177,10 @@ def _single_pass(cfg: _Config) -> bool:
     return cfg.impl == "triton" and group_size(cfg.tp_group) == 1 and bool(ew.KERNEL_CONFIG["single_pass"])
 
 
-def _fused_forward(hs, ws, ht, wt, loss_mask, cfg: _Config, need_gh: bool, need_gw: bool):
-    """Loss (fp32 scalar) and the full gradients wrt ``hs`` / ``ws`` (None where not needed)."""
+def _fused_forward(hs, ws, ht, wt, loss_mask, cfg: _Config, need_gh: bool, need_gw: bool,
+                   weight_grad_into: torch.Tensor | None = None, weight_grad_scale: float = 1.0):
+    """Loss (fp32 scalar) and the full gradients wrt ``hs`` / ``ws`` (None where not needed, or
+    where the weight's went into ``weight_grad_into``: see ``OutputLayerGrads``)."""
     group = cfg.tp_group
     device = hs.device
     if cfg.sequence_parallel:
@@ -181,7 +189,8 @@ def _fused_forward(hs, ws, ht, wt, loss_mask, cfg: _Config, need_gh: bool, need_
     idx, n = counted_tokens(loss_mask, hs.shape[0])
     grad_scale = 1.0 / max(n, 1) if cfg.reduction == "mean" else 1.0
     v_local = ws.shape[0]
-    grads = OutputLayerGrads(hs, ws, idx, n, need_gh, need_gw, cfg.fp32_weight_grad)
+    grads = OutputLayerGrads(hs, ws, idx, n, need_gh, need_gw, cfg.fp32_weight_grad, weight_grad_into,
+                             weight_grad_scale)
     chunk, teacher_chunk = plan_chunks(
         n, v_local, ws.shape[1], ws.element_size(), device, cfg.chunk_tokens, cfg.teacher_chunk_tokens
     )
@@ -218,11 +227,18 @@ def _fused_forward(hs, ws, ht, wt, loss_mask, cfg: _Config, need_gh: bool, need_
 
 class FusedLinearDistillFunction(torch.autograd.Function):
     """Autograd wrapper: the forward does all the work and keeps the gradients, the backward
-    scales them by the incoming gradient. Teacher tensors are constants (no gradient)."""
+    scales them by the incoming gradient. Teacher tensors are constants (no gradient).
+
+    With ``weight_grad_into`` the weight's gradient is added there during the forward, already
+    multiplied by ``weight_grad_scale``, the gradient the caller promises the loss will receive;
+    the backward checks that promise and hands autograd no weight gradient."""
 
     @staticmethod
-    def forward(ctx, student_hidden, student_weight, teacher_hidden, teacher_weight, loss_mask, cfg):
-        need_gh, need_gw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    def forward(ctx, student_hidden, student_weight, teacher_hidden, teacher_weight, loss_mask, cfg,
+                weight_grad_into=None, weight_grad_scale=1.0, grad_enabled=True):
+        # needs_input_grad ignores grad mode: under no_grad (evaluation) no gradient is computed
+        need_gh, need_gw = ctx.needs_input_grad[0] and grad_enabled, ctx.needs_input_grad[1] and grad_enabled
+        ctx.promised_scale = weight_grad_scale if need_gw and weight_grad_into is not None else None
         loss, grad_h, grad_w = _fused_forward(
             student_hidden.detach(),
             student_weight.detach(),
@@ -232,13 +248,16 @@ class FusedLinearDistillFunction(torch.autograd.Function):
             cfg,
             need_gh,
             need_gw,
+            weight_grad_into,
+            weight_grad_scale,
         )
         ctx.save_for_backward(grad_h, grad_w)
         return loss
 
     @staticmethod
     def backward(ctx, grad_output):
-        return (*scale_saved_grads(ctx, grad_output), None, None, None, None)
+        check_promised_scale(ctx.promised_scale, grad_output)
+        return (*scale_saved_grads(ctx, grad_output), None, None, None, None, None, None, None)
 
 
 def fused_linear_distill_loss(
@@ -258,6 +277,8 @@ def fused_linear_distill_loss(
     impl: str | None = None,
     teacher_chunk_tokens: int | None = None,
     fp32_weight_grad: bool = False,
+    weight_grad_into: torch.Tensor | None = None,
+    weight_grad_scale: float = 1.0,
 ) -> torch.Tensor:
     """Distillation loss of the output layer's logits, computed chunk by chunk, never whole.
 
@@ -282,6 +303,13 @@ def fused_linear_distill_loss(
     (``plan_chunks``); ``impl`` ("triton" / "torch", or $MEGATRON_DISTILL_FUSED_IMPL) forces
     the element-wise implementation; ``fp32_weight_grad`` accumulates the weight gradient over
     chunks in fp32 (one extra ``[V_local, h_s]`` fp32 buffer) instead of the weight's dtype.
+
+    ``weight_grad_into`` (``[V_local, h_s]``, fp32 or the weight's dtype; typically the
+    parameter's Megatron ``main_grad``): when the weight needs a gradient, the forward adds
+    ``weight_grad_scale * dloss/dW`` to it and the weight gets no autograd gradient, so no
+    ``[V_local, h_s]`` gradient is held from the forward to the backward (Megatron's
+    gradient-accumulation fusion, for this layer). ``weight_grad_scale`` must be the gradient
+    the returned loss will receive in backward; the backward raises if it is not.
     """
     check_loss_args(kind, beta, temperature)
     if reduction not in REDUCTIONS:
@@ -315,5 +343,8 @@ def fused_linear_distill_loss(
         impl=resolve_impl(impl, hs.device),
         fp32_weight_grad=fp32_weight_grad,
     )
-    loss = FusedLinearDistillFunction.apply(hs, student_weight, ht, teacher_weight, loss_mask, cfg)
+    loss = FusedLinearDistillFunction.apply(
+        hs, student_weight, ht, teacher_weight, loss_mask, cfg, weight_grad_into, float(weight_grad_scale),
+        torch.is_grad_enabled(),
+    )
     return loss

@@ -166,17 +166,18 @@ class FusedLinearTopkDistillFunction(torch.autograd.Function):
     """The forward does all the work and keeps the gradients; backward scales them."""
 
     @staticmethod
-    def forward(ctx, student_hidden, student_weight, ids, logp, loss_mask, cfg):
+    def forward(ctx, student_hidden, student_weight, ids, logp, loss_mask, cfg, grad_enabled=True):
+        # needs_input_grad ignores grad mode: under no_grad (evaluation) no gradient is computed
         loss, grad_h, grad_w = _fused_topk_forward(
             student_hidden.detach(), student_weight.detach(), ids, logp.detach(), loss_mask, cfg,
-            ctx.needs_input_grad[0], ctx.needs_input_grad[1],
+            ctx.needs_input_grad[0] and grad_enabled, ctx.needs_input_grad[1] and grad_enabled,
         )
         ctx.save_for_backward(grad_h, grad_w)
         return loss
 
     @staticmethod
     def backward(ctx, grad_output):
-        return (*scale_saved_grads(ctx, grad_output), None, None, None, None)
+        return (*scale_saved_grads(ctx, grad_output), None, None, None, None, None)
 
 
 def fused_linear_topk_distill_loss(
@@ -239,4 +240,6 @@ def fused_linear_topk_distill_loss(
         sequence_parallel=sequence_parallel and group_size(tp_group) > 1, reduction=reduction,
         fp32_weight_grad=fp32_weight_grad,
     )
-    return FusedLinearTopkDistillFunction.apply(hs, student_weight, ids.to(torch.int64), logp, loss_mask, cfg)
+    return FusedLinearTopkDistillFunction.apply(
+        hs, student_weight, ids.to(torch.int64), logp, loss_mask, cfg, torch.is_grad_enabled()
+    )

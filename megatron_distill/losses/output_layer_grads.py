@@ -9,6 +9,8 @@ forward stored.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from megatron_distill.losses.tp_collectives import ProcessGroup, all_reduce_sum_, reduce_scatter_dim0
@@ -32,19 +34,23 @@ def rows(t: torch.Tensor, idx: torch.Tensor | None, r0: int, r1: int) -> torch.T
     return t[r0:r1] if idx is None else t.index_select(0, idx[r0:r1])
 
 
-def _accumulate_weight_grad(grad_w: torch.Tensor, dz: torch.Tensor, h: torch.Tensor, first: bool) -> None:
+def _accumulate_weight_grad(grad_w: torch.Tensor, dz: torch.Tensor, h: torch.Tensor, first: bool,
+                            alpha: float = 1.0) -> None:
+    """``grad_w = alpha dz^T h`` (``first``) or ``grad_w += alpha dz^T h``; ``grad_w`` ``[V_local, h]``
+    in ``dz``'s dtype or fp32."""
+    beta = 0.0 if first else 1.0
     if grad_w.dtype == dz.dtype:
         # cuBLAS accumulates in fp32 within the call; one rounding per chunk
-        if first:
+        if first and alpha == 1.0:
             torch.mm(dz.t(), h, out=grad_w)
         else:
-            grad_w.addmm_(dz.t(), h)
+            torch.addmm(grad_w, dz.t(), h, beta=beta, alpha=alpha, out=grad_w)
     elif grad_w.is_cuda:
         # bf16 operands, fp32 accumulator: no fp32 copy of dz needed (torch >= 2.8)
-        torch.addmm(grad_w, dz.t(), h, beta=0.0 if first else 1.0, out_dtype=torch.float32, out=grad_w)
+        torch.addmm(grad_w, dz.t(), h, beta=beta, alpha=alpha, out_dtype=torch.float32, out=grad_w)
     else:
         part = torch.mm(dz.t(), h).float()
-        grad_w.copy_(part) if first else grad_w.add_(part)
+        grad_w.copy_(part).mul_(alpha) if first else grad_w.add_(part, alpha=alpha)
 
 
 class OutputLayerGrads:
@@ -52,16 +58,27 @@ class OutputLayerGrads:
     ``[V_local, h]``, accumulated chunk by chunk over the ``n`` counted tokens (rows ``idx``).
 
     ``fp32_weight_grad`` keeps the weight gradient in fp32 until ``finish`` casts it back.
+    ``weight_grad_into`` (a ``[V_local, h]`` tensor, fp32 or the weight's dtype: the parameter's
+    ``main_grad``) receives ``weight_grad_scale`` times the weight gradient, added chunk by chunk,
+    instead of a buffer of its own; ``finish`` then returns no weight gradient.
     """
 
     def __init__(self, hs: torch.Tensor, ws: torch.Tensor, idx: torch.Tensor | None, n: int, need_gh: bool,
-                 need_gw: bool, fp32_weight_grad: bool = False):
+                 need_gw: bool, fp32_weight_grad: bool = False, weight_grad_into: torch.Tensor | None = None,
+                 weight_grad_scale: float = 1.0):
         self.ws, self.idx = ws, idx
+        self.into = need_gw and weight_grad_into is not None
+        self.alpha = weight_grad_scale if self.into else 1.0
         # uncounted rows get no gradient: zeros unless every row is written
         alloc_gh = torch.zeros if idx is not None or n == 0 else torch.empty
         self.grad_h = alloc_gh(hs.shape, dtype=hs.dtype, device=hs.device) if need_gh else None
         self.grad_w = None
-        if need_gw:
+        if self.into:
+            if weight_grad_into.shape != ws.shape or weight_grad_into.dtype not in (ws.dtype, torch.float32):
+                raise ValueError(f"weight_grad_into must be {tuple(ws.shape)} in {ws.dtype} or float32, got "
+                                 f"{tuple(weight_grad_into.shape)} in {weight_grad_into.dtype}")
+            self.grad_w = weight_grad_into
+        elif need_gw:
             w_dtype = torch.float32 if fp32_weight_grad else ws.dtype
             # the first chunk overwrites it (beta = 0): no memset of a [V_local, h] tensor
             self.grad_w = (torch.empty if n > 0 else torch.zeros)(ws.shape, dtype=w_dtype, device=hs.device)
@@ -75,18 +92,34 @@ class OutputLayerGrads:
             else:
                 self.grad_h.index_copy_(0, self.idx[c0:c1], dz @ self.ws)
         if self.grad_w is not None:
-            _accumulate_weight_grad(self.grad_w, dz, hs_chunk, first=c0 == 0)
+            _accumulate_weight_grad(self.grad_w, dz, hs_chunk, first=c0 == 0 and not self.into, alpha=self.alpha)
 
     def finish(self, group: ProcessGroup, sequence_parallel: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """``(grad_h, grad_w)``: each rank holds dz for its vocab shard only, so the hidden states'
         gradient is summed over ``group`` (reduce-scattered back to this rank's block with
-        ``sequence_parallel``); the weight gradient in the weight's dtype."""
-        grad_h, grad_w = self.grad_h, self.grad_w
+        ``sequence_parallel``); the weight gradient in the weight's dtype (None when it went into
+        ``weight_grad_into``)."""
+        grad_h, grad_w = self.grad_h, None if self.into else self.grad_w
         if grad_h is not None:
             grad_h = reduce_scatter_dim0(grad_h, group) if sequence_parallel else all_reduce_sum_(grad_h, group)
         if grad_w is not None and grad_w.dtype != self.ws.dtype:
             grad_w = grad_w.to(self.ws.dtype)
         return grad_h, grad_w
+
+
+def check_promised_scale(promised: float | None, grad_output: torch.Tensor) -> None:
+    """Raise unless the loss's incoming gradient is the ``promised`` scale its forward already
+    applied to a weight gradient added into ``main_grad`` (nothing to check when None)."""
+    if promised is None:
+        return
+    got = float(grad_output)
+    if not math.isclose(got, promised, rel_tol=1e-6):
+        raise RuntimeError(
+            f"the fused loss added its output-layer weight gradient into main_grad scaled by {promised!r}, but "
+            f"the loss received the gradient {got!r} in backward, so that weight's gradient is wrong; run "
+            "with --no-output-layer-grad-accumulation-fusion, and report this (the loss weighting or the "
+            "loss scale differs from the one the engine assumed)"
+        )
 
 
 def scale_saved_grads(ctx, grad_output: torch.Tensor) -> tuple:

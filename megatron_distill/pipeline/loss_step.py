@@ -142,6 +142,7 @@ def fused_distill_loss_sums(
     tp_group: ProcessGroup,
     sequence_parallel: bool,
     on_policy: torch.Tensor | None = None,
+    loss_scale: float | None = None,
 ):
     """Like ``distill_loss_sums`` but from hidden states, through the fused output-layer + loss.
 
@@ -150,8 +151,14 @@ def fused_distill_loss_sums(
     ``loss_mask`` ``[b, s]``. Logits are never materialised beyond one token chunk.
     With ``on_policy`` ``[b]`` the on-policy part is summed apart: free when the micro-batch is all
     on- or all off-policy, two kernel calls (one per part, same total) when it mixes both.
+    With ``loss_scale`` (the factor the schedule multiplies the returned loss by before backward)
+    and a ``student_weight`` that has Megatron's ``main_grad``, the weight's gradient goes straight
+    into ``main_grad`` (``fused_linear_distill_loss``'s ``weight_grad_into``).
     """
     from megatron_distill.losses.fused import fused_linear_distill_loss
+
+    main_grad = getattr(student_weight, "main_grad", None) if loss_scale is not None else None
+    into = None if main_grad is None else main_grad[: shard.valid]
 
     def kd(token_mask: torch.Tensor) -> torch.Tensor:
         # Tokens are flattened sequence-major, matching Megatron's [s, b, h] (and SP's s-split).
@@ -167,6 +174,9 @@ def fused_distill_loss_sums(
             tp_group=tp_group,
             sequence_parallel=sequence_parallel,
             reduction="sum",
+            weight_grad_into=into,
+            # d total / d kd_sum: the schedule's loss scale times the distillation weight
+            weight_grad_scale=1.0 if loss_scale is None else loss_scale * loss_cfg.kd_weight,
         )
 
     mask = loss_mask.float()

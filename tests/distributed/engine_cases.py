@@ -31,7 +31,8 @@ TEACHER = ModelShape(
 def make_config(tp: int, pp: int, *, kind: str = "jsd", ce_weight: float = 0.3, impl: str = "reference",
                 sequence_parallel: bool = False,
                 micro_batch_size: int = 2, global_batch_size: int = 8, distributed_optimizer: bool = False,
-                train_iters: int = 3, seq_length: int = 16) -> DistillConfig:
+                train_iters: int = 3, seq_length: int = 16,
+                output_layer_grad_accumulation_fusion: bool = True) -> DistillConfig:
     """The shared test config at a given layout."""
     return DistillConfig(
         student=STUDENT,
@@ -42,6 +43,7 @@ def make_config(tp: int, pp: int, *, kind: str = "jsd", ce_weight: float = 0.3, 
             seq_length=seq_length, micro_batch_size=micro_batch_size, global_batch_size=global_batch_size,
             train_iters=train_iters, lr=1e-2, lr_warmup_iters=0, lr_decay_style="constant",
             clip_grad=1.0, device="cpu", use_distributed_optimizer=distributed_optimizer,
+            output_layer_grad_accumulation_fusion=output_layer_grad_accumulation_fusion,
         ),
     )
 

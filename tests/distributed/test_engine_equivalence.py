@@ -125,13 +125,18 @@ def reference_kd_only(weights):
     "world,tp,pp,extra",
     [
         (1, 1, 1, {}),
+        (1, 1, 1, {"output_layer_grad_accumulation_fusion": False}),
         (2, 2, 1, {"sequence_parallel": True}),
         (2, 1, 2, {}),
     ],
-    ids=["fused-tp1", "fused-tp2-sequence-parallel", "fused-pp2"],
+    ids=["fused-tp1", "fused-tp1-no-grad-fusion", "fused-tp2-sequence-parallel", "fused-pp2"],
 )
 def test_fused_loss_in_engine_matches_reference(weights, reference_kd_only, world, tp, pp, extra):
-    """The fused output-layer + loss path (hidden states to the loss) equals the reference path."""
+    """The fused output-layer + loss path (hidden states to the loss) equals the reference path.
+
+    By default the fused loss adds the output layer's weight gradient straight into main_grad
+    (--output-layer-grad-accumulation-fusion): the tied embedding's gradient (TP1, TP2) and the
+    last stage's separate copy of it (PP2) must still equal the reference's, parameter by parameter."""
     results = run_distributed(
         run_layout_worker, world, weights, tp, pp, init_process_group=False, timeout=300,
         kwargs={"ce_weight": 0.0, "impl": "fused", **extra},

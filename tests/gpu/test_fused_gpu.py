@@ -106,6 +106,27 @@ def test_fused_matches_fp32_reference_at_benchmark_shapes(inputs, kind, beta, ta
     )
 
 
+@pytest.mark.parametrize("into_dtype", [torch.float32, torch.bfloat16])
+def test_weight_grad_into_main_grad_at_benchmark_shapes(inputs, into_dtype):
+    """The weight gradient added into a main_grad buffer (fp32: cuBLAS's bf16 x bf16 -> fp32
+    addmm with alpha; bf16: plain addmm), scaled, on top of what the buffer held."""
+    h, w, ht, wt = inputs
+    ref_loss, ref_gh, ref_gw = _reference(h, w, ht, wt, "jsd", 0.5, 1.0, None, "sum")
+    g = torch.Generator(device="cuda").manual_seed(2)
+    start = (torch.randn(w.shape, generator=g, device="cuda") * ref_gw.pow(2).mean().sqrt()).to(into_dtype)
+    main_grad = start.clone()
+    hs = h.clone().requires_grad_()
+    ws = w.clone().requires_grad_()
+    loss = fused_linear_distill_loss(hs, ws, ht, wt, "jsd", reduction="sum", weight_grad_into=main_grad,
+                                     weight_grad_scale=0.5)
+    (0.5 * loss).backward()
+    assert ws.grad is None
+    # a bf16 buffer also rounds the running sum once per chunk (8 here): ~5e-3 more
+    tol = 1.5e-2 if into_dtype == torch.float32 else 3e-2
+    assert _rel(main_grad.float() - start.float(), 0.5 * ref_gw) <= tol
+    assert _rel(hs.grad, 0.5 * ref_gh) <= 1.5e-2
+
+
 @pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("pipelined,segments", [(False, 16), (True, 4), (True, 24), (True, 64)])

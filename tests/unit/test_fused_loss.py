@@ -152,6 +152,47 @@ def test_fp32_weight_grad_accumulator_matches(impl):
     _check(h, w, ht, wt, "forward_kl", 0.5, 1.0, None, "mean", impl, chunk_tokens=6, fp32_weight_grad=True)
 
 
+@pytest.mark.parametrize("into_dtype", [torch.float32, torch.bfloat16])
+def test_weight_grad_into_main_grad(into_dtype, impl):
+    """weight_grad_into: the forward adds scale * dL/dW (float64 reference) to what the buffer
+    held; the weight gets no autograd gradient, the hidden states the usual one."""
+    h, w, ht, wt = _inputs(21, 8, 12, 90, torch.bfloat16, seed=6, scale=3.0)
+    mask = (torch.rand(21, generator=torch.Generator().manual_seed(7)) > 0.3).float()
+    ref_loss, ref_gh, ref_gw = _reference(h, w, ht, wt, "jsd", 0.4, 1.2, mask, "sum")
+    # what earlier micro-batches left: gradients of the same size
+    start = torch.randn(w.shape, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    start = (start * ref_gw.pow(2).mean().sqrt()).to(into_dtype)
+    main_grad = start.clone()
+    h = h.clone().requires_grad_()
+    w = w.clone().requires_grad_()
+    loss = fused_linear_distill_loss(h, w, ht, wt, "jsd", beta=0.4, temperature=1.2, loss_mask=mask,
+                                     reduction="sum", impl=impl, chunk_tokens=5, weight_grad_into=main_grad,
+                                     weight_grad_scale=0.75)
+    added = main_grad.double() - start.double()
+    # bf16 operands (1.5e-2 as in TOL); a bf16 buffer also rounds after each of the 3 chunks
+    tol = 1.5e-2 if into_dtype == torch.float32 else 3e-2
+    assert _rel(added, 0.75 * ref_gw) <= tol
+    (0.75 * loss).backward()
+    assert w.grad is None
+    assert _rel(h.grad, 0.75 * ref_gh) <= 1.5e-2
+    assert abs(loss.item() - ref_loss.item()) <= 1e-4 * abs(ref_loss.item())
+
+
+def test_weight_grad_into_checks_the_promised_scale_and_skips_without_grad(impl):
+    h, w, ht, wt = _inputs(9, 8, 8, 40, torch.float32, seed=9)
+    main_grad = torch.zeros_like(w)
+    with torch.no_grad():  # evaluation: no gradient wanted, the buffer is left alone
+        fused_linear_distill_loss(h, w.requires_grad_(), ht, wt, "forward_kl", impl=impl, weight_grad_into=main_grad)
+    assert main_grad.abs().max() == 0
+    loss = fused_linear_distill_loss(h, w, ht, wt, "forward_kl", impl=impl, weight_grad_into=main_grad,
+                                     weight_grad_scale=2.0)
+    assert main_grad.abs().max() > 0
+    with pytest.raises(RuntimeError, match="scaled by 2.0, but the loss received the gradient 3.0"):
+        (3.0 * loss).backward()
+    with pytest.raises(ValueError, match="weight_grad_into must be"):
+        fused_linear_distill_loss(h, w, ht, wt, "forward_kl", impl=impl, weight_grad_into=main_grad[:-1])
+
+
 @pytest.mark.parametrize("split", [1, 3, 6])
 def test_segment_statistics_combine_to_the_row_statistics(split):
     # 300 columns in slices of 64: segments of 64 / 128 columns, partial last slices, and with
