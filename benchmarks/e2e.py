@@ -28,7 +28,8 @@ from dataclasses import asdict, replace
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import memory_breakdown  # noqa: E402  (benchmarks/, the script's directory)
+import gpu_profile  # noqa: E402  (benchmarks/, the script's directory)
+import memory_breakdown  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from run_record import run_header, write_record  # noqa: E402
@@ -131,7 +132,11 @@ def run_mode(mode: str, cfg: DistillConfig, pg, device, args, world: int) -> dic
     n_micro = cfg.num_microbatches(world)
     forward_only = mode == "teacher_fwd"
     times, fb, opt = [], [], []
+    if args.manual_gc:
+        gc.disable()
     for it in range(args.warmup + args.iters):
+        if args.manual_gc:
+            gc.collect()  # between iterations, outside the timed region
         batches = random_batches(cfg.student.vocab_size, cfg.train.seq_length, cfg.train.micro_batch_size,
                                  n_micro, seed=1000 * it + pg.dp.rank())
         stats = run_iteration(engine, batches, it + 1, device, forward_only=forward_only)
@@ -141,6 +146,8 @@ def run_mode(mode: str, cfg: DistillConfig, pg, device, args, world: int) -> dic
             opt.append(stats.extra["optimizer_seconds"])
         if dist.get_rank() == 0:
             print(f"  [{mode}] iter {it + 1}: {stats.seconds * 1e3:.1f} ms, loss {stats.loss:.4f}", flush=True)
+    if args.manual_gc:
+        gc.enable()
     tokens = cfg.train.global_batch_size * cfg.train.seq_length
     median = statistics.median(times)
     seq = cfg.train.seq_length
@@ -170,6 +177,22 @@ def run_mode(mode: str, cfg: DistillConfig, pg, device, args, world: int) -> dic
             device.index or 0)
         if dist.get_rank() == 0:
             print(memory_breakdown.format_breakdown(breakdown), flush=True)
+    profile = None
+    if args.profile and device.type == "cuda":
+        it = args.warmup + args.iters + 1
+        batches = random_batches(cfg.student.vocab_size, cfg.train.seq_length, cfg.train.micro_batch_size,
+                                 n_micro, seed=1000 * it + pg.dp.rank())
+        profile = gpu_profile.record(
+            functools.partial(run_iteration, engine, batches, it + 1, device, forward_only=forward_only))
+        if dist.get_rank() == 0:
+            print(gpu_profile.format_summary(profile), flush=True)
+    if args.trace and device.type == "cuda":
+        it = args.warmup + args.iters + 2
+        batches = random_batches(cfg.student.vocab_size, cfg.train.seq_length, cfg.train.micro_batch_size,
+                                 n_micro, seed=1000 * it + pg.dp.rank())
+        gpu_profile.export_trace(
+            functools.partial(run_iteration, engine, batches, it + 1, device, forward_only=forward_only),
+            os.path.join(args.trace, f"trace_{mode}.json.gz"))
     result = {
         "mode": mode,
         "iteration_seconds": times,
@@ -184,6 +207,7 @@ def run_mode(mode: str, cfg: DistillConfig, pg, device, args, world: int) -> dic
         "held_memory_gib_max_over_ranks": held,
         "final_loss": stats.loss,
         **({"memory_at_peak_rank0": breakdown} if breakdown is not None else {}),
+        **({"gpu_profile_rank0": profile} if profile is not None else {}),
     }
     del engine
     gc.collect()
@@ -209,6 +233,7 @@ def main() -> None:
                         help="the engine's flag: fp32 master weights as bf16 weight + 16-bit remainder")
     parser.add_argument("--no-bias-swiglu-fusion", action="store_true", help="the engine's flag")
     parser.add_argument("--no-output-layer-grad-accumulation-fusion", action="store_true", help="the engine's flag")
+    parser.add_argument("--no-rope-fusion", action="store_true", help="the engine's flag")
     parser.add_argument("--recompute-modules", nargs="+", default=[], choices=["layernorm", "swiglu"],
                         help="the engine's flag (the student's)")
     for name in ("main-grads-dtype", "exp-avg-dtype", "exp-avg-sq-dtype"):
@@ -216,12 +241,22 @@ def main() -> None:
     parser.add_argument("--memory-breakdown", action="store_true",
                         help="after the timed iterations, one more under the CUDA allocator history: what was "
                              "allocated at its peak, by the line that allocated it (benchmarks/memory_breakdown.py)")
+    parser.add_argument("--manual-gc", action="store_true",
+                        help="Python's garbage collector off during iterations, run between them instead")
+    parser.add_argument("--profile", action="store_true",
+                        help="after the timed iterations, one more under torch.profiler: GPU busy / idle time and "
+                             "kernel time by kind (benchmarks/gpu_profile.py)")
+    parser.add_argument("--trace", default=None, metavar="DIR",
+                        help="after the timed iterations, one more under torch.profiler (CPU and CUDA), written as "
+                             "DIR/trace_<mode>.json.gz (Chrome trace; one process only)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", default=None, help="JSON results file (rank 0 writes it)")
     args = parser.parse_args()
 
     student, teacher = PRESETS[args.preset]
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.trace and world > 1:
+        parser.error("--trace needs a single process (the traced iteration runs on rank 0 only)")
     device_name = resolve_device(args.device)
     cfg = DistillConfig(
         student=replace(student, max_position_embeddings=max(student.max_position_embeddings, args.seq_length)),
@@ -237,6 +272,7 @@ def main() -> None:
             main_grads_dtype=args.main_grads_dtype, exp_avg_dtype=args.exp_avg_dtype,
             exp_avg_sq_dtype=args.exp_avg_sq_dtype, bias_swiglu_fusion=not args.no_bias_swiglu_fusion,
             output_layer_grad_accumulation_fusion=not args.no_output_layer_grad_accumulation_fusion,
+            rope_fusion=not args.no_rope_fusion,
             recompute_modules=list(args.recompute_modules),
         ),
     )
@@ -272,6 +308,7 @@ def main() -> None:
             "bias_swiglu_fusion": cfg.train.bias_swiglu_fusion and ctx.device.type == "cuda",
             "recompute_modules": list(args.recompute_modules),
             "output_layer_grad_accumulation_fusion": cfg.train.output_layer_grad_accumulation_fusion,
+            "rope_fusion": cfg.train.rope_fusion and ctx.device.type == "cuda",
             "results": results,
         }
         print("| mode | ms/iter | tokens/s/GPU | MFU | peak GiB | held GiB |")

@@ -296,6 +296,14 @@ _TRAIN_FLAGS: tuple[_Flag, ...] = (
         "per layer less kept for backward. The CPU always runs the unfused ops.",
     ),
     _Flag(
+        "rope_fusion",
+        bool,
+        _t("rope_fusion"),
+        "On CUDA, rotary position embeddings in one Triton kernel each way (Megatron's apply_rope_fusion "
+        "without Transformer Engine) instead of ~6 element-wise kernels per call. The CPU always runs the "
+        "unfused ops.",
+    ),
+    _Flag(
         "output_layer_grad_accumulation_fusion",
         bool,
         _t("output_layer_grad_accumulation_fusion"),

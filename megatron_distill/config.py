@@ -119,6 +119,7 @@ class TrainConfig:
     exp_avg_sq_dtype: str = "fp32"
     bias_swiglu_fusion: bool = True
     output_layer_grad_accumulation_fusion: bool = True
+    rope_fusion: bool = True
     recompute_modules: list[str] = field(default_factory=list)
     metrics_file: str | None = None
     teacher_pretrain_iters: int = 0

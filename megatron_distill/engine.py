@@ -55,7 +55,8 @@ def build_model(shape: ModelShape, cfg: DistillConfig, pg: ProcessGroupCollectio
     fuse = cfg.train.bias_swiglu_fusion and torch.device(device).type == "cuda"
     recompute = set(cfg.train.recompute_modules) if trainable else set()  # a frozen model keeps nothing
     tcfg = transformer_config(shape, cfg.parallel, bf16=cfg.train.bf16, for_training=trainable, swiglu_fusion=fuse,
-                              recompute_norms="layernorm" in recompute)
+                              recompute_norms="layernorm" in recompute,
+                              rope_fusion=cfg.train.rope_fusion and torch.device(device).type == "cuda")
     model = build_gpt_stage(
         shape, tcfg, pre_process=pre, post_process=post, pg_collection=pg,
         transformer_impl=cfg.train.transformer_impl, recompute_swiglu="swiglu" in recompute,

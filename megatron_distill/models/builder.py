@@ -22,6 +22,7 @@ from megatron.core.transformer.transformer_block import TransformerBlock, Transf
 from megatron_distill.config import ModelShape, ParallelConfig
 from megatron_distill.models.norms import TorchNorm
 from megatron_distill.models.recompute_mlp import ActivationRecomputeMLP, fix_checkpoint_without_output_default
+from megatron_distill.models.rope_fusion import install as install_rope_fusion
 from megatron_distill.models.sdpa_attention import SDPACoreAttention
 
 
@@ -38,6 +39,7 @@ def transformer_config(
     for_training: bool,
     swiglu_fusion: bool = False,
     recompute_norms: bool = False,
+    rope_fusion: bool = False,
 ) -> TransformerConfig:
     """Megatron ``TransformerConfig`` for one model. A frozen teacher gets no dropout.
 
@@ -45,10 +47,13 @@ def transformer_config(
     here): one kernel each way, and only the FFN input kept for backward, not also silu's output.
     ``recompute_norms``: Megatron's selective recompute of the two norms of every layer (their
     outputs are not kept; recomputed from their inputs, which are kept anyway).
+    ``rope_fusion``: RoPE in one Triton kernel each way (``rope_fusion.py``; CUDA only here), for
+    non-interleaved rotary embeddings.
     """
     dtype = torch.bfloat16 if bf16 else torch.float32
     if recompute_norms:
         fix_checkpoint_without_output_default()
+    rope_fusion = rope_fusion and shape.position_embedding_type == "rope" and install_rope_fusion()
     return TransformerConfig(
         num_layers=shape.num_layers,
         hidden_size=shape.hidden_size,
@@ -80,7 +85,7 @@ def transformer_config(
         bias_dropout_fusion=False,
         gradient_accumulation_fusion=False,
         persist_layer_norm=False,
-        apply_rope_fusion=False,
+        apply_rope_fusion=rope_fusion,
         **({"recompute_granularity": "selective", "recompute_modules": ["layernorm"]} if recompute_norms else {}),
     )
 

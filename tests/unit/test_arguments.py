@@ -157,6 +157,7 @@ def every_flag_argv() -> tuple[list[str], list[tuple[str, str, object]]]:
         ("--use-precision-aware-optimizer", None, "train", "use_precision_aware_optimizer", True),
         ("--no-bias-swiglu-fusion", None, "train", "bias_swiglu_fusion", False),
         ("--no-output-layer-grad-accumulation-fusion", None, "train", "output_layer_grad_accumulation_fusion", False),
+        ("--no-rope-fusion", None, "train", "rope_fusion", False),
         ("--recompute-modules", ["layernorm", "swiglu"], "train", "recompute_modules", ["layernorm", "swiglu"]),
         ("--main-grads-dtype", "bf16", "train", "main_grads_dtype", "bf16"),
         ("--exp-avg-dtype", "bf16", "train", "exp_avg_dtype", "bf16"),
