@@ -114,6 +114,57 @@ def export_trace(fn: Callable[[], Any], path: str) -> None:
             shutil.copyfileobj(src, dst)
 
 
+def idle_gaps(trace_events: list[dict], top: int = 20) -> dict[str, Any]:
+    """The GPU's idle gaps in a Chrome trace (``export_trace``) and the host work beside them.
+
+    ``trace_events``: the trace's ``traceEvents``. Kernels (``cat`` "kernel") give the busy
+    intervals; each gap between them is counted by size (<= 10 us, 10-100 us, > 100 us) and,
+    for gaps over 100 us, attributed to the names of the host ops (``cat`` "cpu_op" or
+    "cuda_runtime") that cover more than half of the gap (up to three, the longest first; ""
+    when none does). Returns ``span_ms`` (first kernel start to last kernel end), ``idle_ms``,
+    ``gaps`` (by size: count and ms) and ``long_gaps_by_host_op`` (the ``top`` largest:
+    ``{"host_ops", "ms", "gaps"}``).
+    """
+    import bisect
+
+    kernels = sorted((e["ts"], e["ts"] + e["dur"]) for e in trace_events if e.get("cat") == "kernel")
+    host = sorted((e["ts"], e["ts"] + e["dur"], e["name"]) for e in trace_events
+                  if e.get("cat") in ("cpu_op", "cuda_runtime") and "dur" in e)
+    host_starts = [h[0] for h in host]
+    longest_host = max((h[1] - h[0] for h in host), default=0.0)
+    sizes = {"<=10us": [0, 0.0], "10-100us": [0, 0.0], ">100us": [0, 0.0]}
+    by_ops: dict[str, list[float]] = {}
+    end = kernels[0][1] if kernels else 0.0
+    for start, stop in kernels[1:]:
+        if start > end:
+            gap = start - end
+            size = "<=10us" if gap <= 10 else "10-100us" if gap <= 100 else ">100us"
+            sizes[size][0] += 1
+            sizes[size][1] += gap
+            if size == ">100us":
+                covering: dict[str, float] = {}
+                i = bisect.bisect_left(host_starts, end - longest_host)
+                for h_start, h_end, name in host[i:]:
+                    if h_start >= start:
+                        break
+                    overlap = min(start, h_end) - max(end, h_start)
+                    if overlap > 0.5 * gap:
+                        covering[name] = max(covering.get(name, 0.0), overlap)
+                key = ", ".join(sorted(covering, key=lambda n: -covering[n])[:3])
+                entry = by_ops.setdefault(key, [0.0, 0])
+                entry[0] += gap
+                entry[1] += 1
+        end = max(end, stop)
+    span = (kernels[-1][1] if kernels else 0.0) - (kernels[0][0] if kernels else 0.0)
+    ranked = sorted(by_ops.items(), key=lambda kv: -kv[1][0])[:top]
+    return {
+        "span_ms": span / 1e3,
+        "idle_ms": sum(v[1] for v in sizes.values()) / 1e3,
+        "gaps": {k: {"count": v[0], "ms": v[1] / 1e3} for k, v in sizes.items()},
+        "long_gaps_by_host_op": [{"host_ops": k, "ms": v[0] / 1e3, "gaps": v[1]} for k, v in ranked],
+    }
+
+
 def format_summary(summary: dict[str, Any]) -> str:
     """A text table of ``summarize``'s result."""
     lines = [f"wall {summary['wall_ms']:.1f} ms, GPU busy {summary['gpu_busy_ms']:.1f} ms "
@@ -124,3 +175,17 @@ def format_summary(summary: dict[str, Any]) -> str:
     for row in summary["top_kernels"]:
         lines.append(f"  {row['ms']:9.1f} ms  {row['count']:6d}  [{row['kind']}] {row['name'][:110]}")
     return "\n".join(lines)
+
+
+def main() -> None:
+    """``python benchmarks/gpu_profile.py TRACE.json.gz``: ``idle_gaps`` of a trace, as JSON."""
+    import gzip
+    import json
+    import sys
+
+    with gzip.open(sys.argv[1], "rt") as f:
+        print(json.dumps(idle_gaps(json.load(f)["traceEvents"]), indent=1))
+
+
+if __name__ == "__main__":
+    main()

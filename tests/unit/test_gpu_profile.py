@@ -41,3 +41,24 @@ def test_summarize_groups_by_kind_and_name():
     assert out["by_kind"]["triton"]["ms"] == 0.05
     assert out["by_kind"]["elementwise / other"]["count"] == 1
     assert [k["name"] for k in out["top_kernels"]] == ["sm90_xmma_gemm_bf16bf16_bf16f32", "flash_fwd_kernel"]
+
+
+def test_idle_gaps_sizes_and_host_attribution():
+    kernels = [(0, 100), (105, 200), (250, 300), (600, 700), (690, 900), (1100, 1200)]
+    events = [{"cat": "kernel", "ts": s, "dur": e - s, "name": "k"} for s, e in kernels]
+    events += [
+        {"cat": "cuda_runtime", "ts": 280, "dur": 330, "name": "cudaStreamSynchronize"},  # covers gap 300-600
+        {"cat": "cpu_op", "ts": 310, "dur": 100, "name": "aten::item"},                # a third of it: not counted
+        {"cat": "cpu_op", "ts": 880, "dur": 200, "name": "LinearForward"},              # covers gap 900-1100
+        {"cat": "python_function", "ts": 0, "dur": 5000, "name": "ignored"},
+    ]
+    out = gp.idle_gaps(events)
+    assert out["span_ms"] == 1.2
+    assert out["gaps"]["<=10us"] == {"count": 1, "ms": 0.005}
+    assert out["gaps"]["10-100us"] == {"count": 1, "ms": 0.05}
+    assert out["gaps"][">100us"] == {"count": 2, "ms": 0.5}
+    assert out["idle_ms"] == 0.555
+    assert out["long_gaps_by_host_op"] == [
+        {"host_ops": "cudaStreamSynchronize", "ms": 0.3, "gaps": 1},
+        {"host_ops": "LinearForward", "ms": 0.2, "gaps": 1},
+    ]
