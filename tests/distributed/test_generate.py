@@ -12,6 +12,8 @@ layout runs every case; all layouts load the same full weights.
 * A stop token ends each sequence at its first occurrence; the response mask covers exactly
   the generated tokens, padding follows.
 * The model's training mode and sequence-parallel setting are restored.
+* With the fused RoPE kernel (``--rope-fusion``, CUDA in the engine; the Triton interpreter here)
+  in Megatron's ``apply_rope_fusion`` slot: the same logits and tokens as Megatron's own RoPE.
 """
 
 from __future__ import annotations
@@ -267,3 +269,57 @@ def test_sdpa_causal_queries_align_with_the_last_cached_keys():
         torch.testing.assert_close(attn(q[-sq:], k, v, None), full[-sq:], rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(attn(q[-1:], k, v, None, attn_mask_type=AttnMaskType.no_mask), full[-1:],
                                rtol=1e-6, atol=1e-6)
+
+
+def rope_fusion_worker(weights_path: str) -> dict:
+    """The rope model (TP1) with --rope-fusion's kernel (Triton interpreter here; the engine turns it
+    on only on CUDA): a full forward, and the greedy / sampled cases with the KV cache."""
+    import megatron_distill.engine as engine
+    from megatron_distill.models import rope_fusion
+    from megatron_distill.platform import init_distributed
+
+    init_distributed("cpu")
+    real_config = engine.transformer_config
+    engine.transformer_config = lambda *a, **k: real_config(*a, **{**k, "rope_fusion": True})
+    calls = []
+    real_launch = rope_fusion._launch
+    rope_fusion._launch = lambda x, freqs, backward: calls.append(x.shape[0]) or real_launch(x, freqs, backward)
+    try:
+        full = torch.load(weights_path, weights_only=True)
+        model, pg = _build(_shapes()["rope"], 1, 1, False, full["rope"])
+        assert model.config.apply_rope_fusion
+        prompts, _ = _prompts()
+        model.eval()
+        with torch.no_grad():
+            logits = model(prompts, torch.arange(prompts.shape[1]).expand_as(prompts), None)
+        model.train()
+        cases = _run_cases(model, pg)
+    finally:
+        engine.transformer_config = real_config
+        rope_fusion._launch = real_launch
+    res = {case: (_summary(r) if not isinstance(r, int) else r) for case, r in cases.items()}
+    return {"cases": res, "logits": logits, "decode_calls": calls.count(1), "calls": len(calls)}
+
+
+def test_rope_fusion_kernel_generates_like_megatron_rope(tp1):
+    """The fused RoPE in Megatron's apply_rope_fusion slot: the same forward logits (fp32 rounding)
+    and the same tokens in every generation case as Megatron's unfused RoPE, decode steps included
+    (one-token queries at growing offsets, which go through the kernel too)."""
+    path, reference = tp1
+    got = run_distributed(rope_fusion_worker, 1, path, init_process_group=False, timeout=300)[0]
+    assert got["decode_calls"] > 0 and got["calls"] > got["decode_calls"]
+    _assert_same(got["cases"], reference["rope"], "fused RoPE")
+    full = torch.load(path, weights_only=True)["rope"]
+    ref_logits = run_distributed(_unfused_logits_worker, 1, full, init_process_group=False, timeout=120)[0]
+    torch.testing.assert_close(got["logits"], ref_logits, rtol=1e-5, atol=1e-5)
+
+
+def _unfused_logits_worker(full: dict) -> torch.Tensor:
+    from megatron_distill.platform import init_distributed
+
+    init_distributed("cpu")
+    model, _ = _build(_shapes()["rope"], 1, 1, False, full)
+    prompts, _ = _prompts()
+    model.eval()
+    with torch.no_grad():
+        return model(prompts, torch.arange(prompts.shape[1]).expand_as(prompts), None)
