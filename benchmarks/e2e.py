@@ -166,33 +166,24 @@ def run_mode(mode: str, cfg: DistillConfig, pg, device, args, world: int) -> dic
                            dtype=torch.float64, device=device)
         dist.all_reduce(mem, op=dist.ReduceOp.MAX)
         peak, held = (mem / 2**30).tolist()
-    breakdown = None
-    if args.memory_breakdown and device.type == "cuda":
-        # one more iteration, untimed: the allocator history slows it down
-        it = args.warmup + args.iters
+    def untimed_iteration(k: int):
+        """The k-th iteration after the timed ones, as a call: for the tools that slow it down."""
+        it = args.warmup + args.iters + k
         batches = random_batches(cfg.student.vocab_size, cfg.train.seq_length, cfg.train.micro_batch_size,
                                  n_micro, seed=1000 * it + pg.dp.rank())
-        breakdown = memory_breakdown.record(
-            functools.partial(run_iteration, engine, batches, it + 1, device, forward_only=forward_only),
-            device.index or 0)
+        return functools.partial(run_iteration, engine, batches, it + 1, device, forward_only=forward_only)
+
+    breakdown = profile = None
+    if args.memory_breakdown and device.type == "cuda":
+        breakdown = memory_breakdown.record(untimed_iteration(0), device.index or 0)
         if dist.get_rank() == 0:
             print(memory_breakdown.format_breakdown(breakdown), flush=True)
-    profile = None
     if args.profile and device.type == "cuda":
-        it = args.warmup + args.iters + 1
-        batches = random_batches(cfg.student.vocab_size, cfg.train.seq_length, cfg.train.micro_batch_size,
-                                 n_micro, seed=1000 * it + pg.dp.rank())
-        profile = gpu_profile.record(
-            functools.partial(run_iteration, engine, batches, it + 1, device, forward_only=forward_only))
+        profile = gpu_profile.record(untimed_iteration(1))
         if dist.get_rank() == 0:
             print(gpu_profile.format_summary(profile), flush=True)
     if args.trace and device.type == "cuda":
-        it = args.warmup + args.iters + 2
-        batches = random_batches(cfg.student.vocab_size, cfg.train.seq_length, cfg.train.micro_batch_size,
-                                 n_micro, seed=1000 * it + pg.dp.rank())
-        gpu_profile.export_trace(
-            functools.partial(run_iteration, engine, batches, it + 1, device, forward_only=forward_only),
-            os.path.join(args.trace, f"trace_{mode}.json.gz"))
+        gpu_profile.export_trace(untimed_iteration(2), os.path.join(args.trace, f"trace_{mode}.json.gz"))
     result = {
         "mode": mode,
         "iteration_seconds": times,
@@ -209,7 +200,7 @@ def run_mode(mode: str, cfg: DistillConfig, pg, device, args, world: int) -> dic
         **({"memory_at_peak_rank0": breakdown} if breakdown is not None else {}),
         **({"gpu_profile_rank0": profile} if profile is not None else {}),
     }
-    del engine
+    engine = None  # freed before the next mode builds its own
     gc.collect()
     return result
 
