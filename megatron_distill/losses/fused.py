@@ -35,13 +35,7 @@ from dataclasses import dataclass
 import torch
 
 from megatron_distill.losses.kernels import distill_elementwise as ew
-from megatron_distill.losses.output_layer_grads import (
-    OutputLayerGrads,
-    check_promised_scale,
-    counted_tokens,
-    rows,
-    scale_saved_grads,
-)
+from megatron_distill.losses.output_layer_grads import OutputLayerGrads, counted_tokens, rows, scale_saved_grads
 from megatron_distill.losses.reference import check_loss_args
 from megatron_distill.losses.tp_collectives import (
     ProcessGroup,
@@ -256,8 +250,7 @@ class FusedLinearDistillFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
-        check_promised_scale(ctx.promised_scale, grad_output)
-        return (*scale_saved_grads(ctx, grad_output), None, None, None, None, None, None, None)
+        return (*scale_saved_grads(ctx, grad_output, ctx.promised_scale), None, None, None, None, None, None, None)
 
 
 def fused_linear_distill_loss(

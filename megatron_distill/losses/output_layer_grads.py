@@ -36,21 +36,21 @@ def rows(t: torch.Tensor, idx: torch.Tensor | None, r0: int, r1: int) -> torch.T
 
 def _accumulate_weight_grad(grad_w: torch.Tensor, dz: torch.Tensor, h: torch.Tensor, first: bool,
                             alpha: float = 1.0) -> None:
-    """``grad_w = alpha dz^T h`` (``first``) or ``grad_w += alpha dz^T h``; ``grad_w`` ``[V_local, h]``
-    in ``dz``'s dtype or fp32."""
-    beta = 0.0 if first else 1.0
+    """``grad_w = dz^T h`` (``first``) or ``grad_w += alpha dz^T h``; ``grad_w`` ``[V_local, h]`` in
+    ``dz``'s dtype or fp32. Only additions are scaled: a buffer of the caller's own (``alpha`` != 1)
+    is never overwritten."""
     if grad_w.dtype == dz.dtype:
         # cuBLAS accumulates in fp32 within the call; one rounding per chunk
-        if first and alpha == 1.0:
+        if first:
             torch.mm(dz.t(), h, out=grad_w)
         else:
-            torch.addmm(grad_w, dz.t(), h, beta=beta, alpha=alpha, out=grad_w)
+            grad_w.addmm_(dz.t(), h, alpha=alpha)
     elif grad_w.is_cuda:
         # bf16 operands, fp32 accumulator: no fp32 copy of dz needed (torch >= 2.8)
-        torch.addmm(grad_w, dz.t(), h, beta=beta, alpha=alpha, out_dtype=torch.float32, out=grad_w)
+        torch.addmm(grad_w, dz.t(), h, beta=0.0 if first else 1.0, alpha=alpha, out_dtype=torch.float32, out=grad_w)
     else:
         part = torch.mm(dz.t(), h).float()
-        grad_w.copy_(part).mul_(alpha) if first else grad_w.add_(part, alpha=alpha)
+        grad_w.copy_(part) if first else grad_w.add_(part, alpha=alpha)
 
 
 class OutputLayerGrads:
@@ -107,26 +107,23 @@ class OutputLayerGrads:
         return grad_h, grad_w
 
 
-def check_promised_scale(promised: float | None, grad_output: torch.Tensor) -> None:
-    """Raise unless the loss's incoming gradient is the ``promised`` scale its forward already
-    applied to a weight gradient added into ``main_grad`` (nothing to check when None)."""
-    if promised is None:
-        return
-    got = float(grad_output)
-    if not math.isclose(got, promised, rel_tol=1e-6):
+def scale_saved_grads(ctx, grad_output: torch.Tensor, promised_scale: float | None = None) -> tuple:
+    """Backward of a loss whose forward stored ``(grad_hidden, grad_weight)``: scale them by ``grad_output``.
+
+    ``promised_scale``: the gradient the forward already applied to a weight gradient it added
+    into ``main_grad`` (``weight_grad_into``); raises unless ``grad_output`` is that value.
+    """
+    grad_h, grad_w = ctx.saved_tensors
+    got = float(grad_output)  # one host read serves the check and the scaling
+    if promised_scale is not None and not math.isclose(got, promised_scale, rel_tol=1e-6):
         raise RuntimeError(
-            f"the fused loss added its output-layer weight gradient into main_grad scaled by {promised!r}, but "
-            f"the loss received the gradient {got!r} in backward, so that weight's gradient is wrong; run "
+            f"the fused loss added its output-layer weight gradient into main_grad scaled by {promised_scale!r}, "
+            f"but the loss received the gradient {got!r} in backward, so that weight's gradient is wrong; run "
             "with --no-output-layer-grad-accumulation-fusion, and report this (the loss weighting or the "
             "loss scale differs from the one the engine assumed)"
         )
-
-
-def scale_saved_grads(ctx, grad_output: torch.Tensor) -> tuple:
-    """Backward of a loss whose forward stored ``(grad_hidden, grad_weight)``: scale them by ``grad_output``."""
-    grad_h, grad_w = ctx.saved_tensors
     # the common case (loss.backward() on this loss alone) needs no pass over grad_W
-    if bool(grad_output.ne(1.0)):
+    if got != 1.0:
         grad_h = None if grad_h is None else grad_h * grad_output.to(grad_h.dtype)
         grad_w = None if grad_w is None else grad_w * grad_output.to(grad_w.dtype)
     return grad_h, grad_w
