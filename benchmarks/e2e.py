@@ -166,6 +166,7 @@ def run_mode(mode: str, cfg: DistillConfig, pg, device, args, world: int) -> dic
                            dtype=torch.float64, device=device)
         dist.all_reduce(mem, op=dist.ReduceOp.MAX)
         peak, held = (mem / 2**30).tolist()
+
     def untimed_iteration(k: int):
         """The k-th iteration after the timed ones, as a call: for the tools that slow it down."""
         it = args.warmup + args.iters + k

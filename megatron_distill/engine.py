@@ -51,12 +51,13 @@ def build_model(shape: ModelShape, cfg: DistillConfig, pg: ProcessGroupCollectio
                 device: torch.device | str = "cpu"):
     """This rank's stage of one GPT model on ``device``, in the training dtype."""
     pre, post = stage_flags(pg)
-    # torch.compile's CPU backend needs a C++ toolchain at run time: the fusion is for CUDA only.
-    fuse = cfg.train.bias_swiglu_fusion and torch.device(device).type == "cuda"
+    # The fusions are for CUDA: torch.compile's CPU backend needs a C++ toolchain at run time, and
+    # the Triton RoPE would run in the interpreter.
+    on_cuda = torch.device(device).type == "cuda"
     recompute = set(cfg.train.recompute_modules) if trainable else set()  # a frozen model keeps nothing
-    tcfg = transformer_config(shape, cfg.parallel, bf16=cfg.train.bf16, for_training=trainable, swiglu_fusion=fuse,
-                              recompute_norms="layernorm" in recompute,
-                              rope_fusion=cfg.train.rope_fusion and torch.device(device).type == "cuda")
+    tcfg = transformer_config(shape, cfg.parallel, bf16=cfg.train.bf16, for_training=trainable,
+                              swiglu_fusion=cfg.train.bias_swiglu_fusion and on_cuda,
+                              recompute_norms="layernorm" in recompute, rope_fusion=cfg.train.rope_fusion and on_cuda)
     model = build_gpt_stage(
         shape, tcfg, pre_process=pre, post_process=post, pg_collection=pg,
         transformer_impl=cfg.train.transformer_impl, recompute_swiglu="swiglu" in recompute,

@@ -3,8 +3,9 @@
 Megatron-Core's unfused RoPE (``rope_utils._apply_rotary_pos_emb_bshd``) runs about six
 element-wise kernels per call forward (cos / sin casts, two products, a negation, a concatenation,
 a sum, another concatenation) and as many backward, for the queries and the keys of every layer:
-on an H100 at the Llama-1B / 8B shapes that is ~15% of the kernels of a distillation step and
-~6% of its GPU time, and the host time to launch them leaves the GPU idle between them. Its
+on an H100 at the Llama-1B / 8B shapes that was ~10,000 of a distillation step's 23,035 kernels
+and ~9% of its GPU time, and the host time to launch them left the GPU idle between them
+(benchmarks/results/e2e_llama_1024_memory_h100_2026-11-23/, calls 8 and 10). Its
 fused path needs Transformer Engine's kernel; ``install`` puts this one in its place (when TE's is
 absent) and the model's ``TransformerConfig`` sets ``apply_rope_fusion``.
 
@@ -118,7 +119,7 @@ def fused_apply_rotary_pos_emb(t: torch.Tensor, freqs: torch.Tensor, interleaved
         from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd
 
         return _apply_rotary_pos_emb_bshd(t, freqs, rotary_interleaved=interleaved)
-    return _FusedRope.apply(t, freqs.float() if freqs.dtype != torch.float32 else freqs)
+    return _FusedRope.apply(t, freqs.float())
 
 
 def install() -> bool:
