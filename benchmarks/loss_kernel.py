@@ -25,6 +25,7 @@ Writes ``loss_kernel_<device>_<date>[_tp2].json`` and ``.md`` to ``--out``
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import gc
 import json
@@ -54,21 +55,22 @@ GIB = 1 << 30
 # Memory (case 1): peak extra ~0.61 GiB (gradients) + (C + C_t) * 0.283 MiB, so C + C_t <= 2293
 # keeps within Liger's 1.26 GiB. single_pass=False is the multi-pass path (previous default);
 # sp_* set a single-pass launch setting for both kinds (defaults: ew.SP_DEFAULTS, per kind).
+_RESIDENT = {"single_pass": True, "sp_variant": "resident"}
 SWEEP = {
     "T8k_V152k": [
-        (None, None, {"single_pass": False}),
-        (None, None, {"sp_pipelined": True, "sp_block_v": 1024, "sp_programs_per_sm": 6, "sp_segments": 24}),
-        (None, None, {"sp_block_v": 2048, "sp_programs_per_sm": 4}),
-        (None, None, {"sp_block_v": 1024, "sp_programs_per_sm": 8}),
-        (1024, 512, {}),
-        (1366, 683, {}),
-        (2048, 256, {}),
+        (None, None, {"single_pass": True, "sp_variant": "reread"}),
+        (None, None, _RESIDENT),
+        (None, None, dict(_RESIDENT, sp_block_v=2048, sp_num_warps=4, sp_programs_per_sm=4)),
+        (None, None, dict(_RESIDENT, sp_block_v=4096, sp_num_warps=8, sp_programs_per_sm=3)),
+        (1536, 512, _RESIDENT),
+        (2048, 256, _RESIDENT),
         (4096, 4096, {}),
+        (4096, 4096, _RESIDENT),
     ],
     "T16k_V128k": [
-        (None, None, {"single_pass": False}),
-        (2048, 1024, {}),
+        (None, None, _RESIDENT),
         (4096, 4096, {}),
+        (4096, 4096, _RESIDENT),
     ],
 }
 # (block_v, num_warps, num_stages, programs_per_sm): for --kernel-sweep (multi-pass kernels)
@@ -77,18 +79,20 @@ KERNEL_SWEEP = [
     (4096, 8, 4, 16),
     (2048, 4, 3, 16),
 ]
-# (pipelined, block_v, num_warps, num_stages, programs_per_sm, segments): --kernel-sweep, single pass
+# (variant, block_v, num_warps, num_stages, programs_per_sm, segments): --kernel-sweep, single pass.
+# "resident" holds each segment in registers: block_v is its register tile, which sets the
+# segments (V / block_v); num_stages is unused there.
 SP_SWEEP = [
-    (True, 1024, 4, 3, 6, 24),
-    (True, 1024, 4, 3, 8, 32),
-    (True, 1024, 4, 3, 4, 16),
-    (True, 1024, 4, 2, 8, 24),
-    (True, 1024, 4, 1, 8, 24),
-    (True, 2048, 4, 3, 4, 16),
-    (True, 2048, 4, 3, 4, 32),
-    (True, 512, 2, 3, 12, 32),
-    (False, 2048, 4, 3, 4, 16),
-    (False, 1024, 4, 3, 8, 16),
+    ("reread", 2048, 4, 3, 4, 16),
+    ("reread", 1024, 4, 3, 8, 16),
+    ("pipelined", 1024, 4, 3, 6, 24),
+    ("resident", 2048, 4, 1, 6, None),
+    ("resident", 2048, 4, 1, 4, None),
+    ("resident", 2048, 4, 1, 8, None),
+    ("resident", 1024, 2, 1, 12, None),
+    ("resident", 1024, 4, 1, 8, None),
+    ("resident", 4096, 8, 1, 3, None),
+    ("resident", 8192, 16, 1, 1, None),
 ]
 LAUNCHES = 10  # kernel-level timings: back-to-back launches per timed call (hides host overhead)
 
@@ -229,6 +233,52 @@ def measure(name, fn, reps, warmup, group, extra=None, clear=lambda: None):
     return row
 
 
+@contextlib.contextmanager
+def kernel_config(overrides: dict):
+    """ew.KERNEL_CONFIG with ``overrides`` applied, restored on exit."""
+    saved = dict(ew.KERNEL_CONFIG)
+    ew.KERNEL_CONFIG.update(overrides)
+    try:
+        yield
+    finally:
+        ew.KERNEL_CONFIG.clear()
+        ew.KERNEL_CONFIG.update(saved)
+
+
+def measure_interleaved(methods, rounds: int, warmup: int, group, clear) -> list[dict]:
+    """Like ``measure`` for each of ``methods`` ((label, fn, extra, kernel overrides)), but timed
+    in ``rounds`` rounds that call every method once in turn, so that a drift of the GPU's speed
+    during the run (clocks, temperature) reaches all methods alike. Peak memory first, per
+    method; then ``warmup`` calls each; rows carry ``rounds`` timings each."""
+    rows, live = [], []
+    for label, fn, extra, kernel in methods:
+        row = dict(method=label, interleaved_rounds=rounds, **extra)
+        try:
+            with kernel_config(kernel):
+                row["peak_extra_gib"] = round(peak_extra_gib(fn, clear), 3)
+                for _ in range(warmup):
+                    fn()
+            live.append((row, fn, kernel, []))
+        except torch.OutOfMemoryError:
+            row["error"] = "OOM"
+        except Exception as exc:
+            row["error"] = repr(exc)[:300]
+        rows.append(row)
+        gc.collect()
+        torch.cuda.empty_cache()
+    for _ in range(rounds):
+        for _row, fn, kernel, times in live:
+            with kernel_config(kernel):
+                times += timed(fn, 1, 0, group)
+    for row, _, _, times in live:
+        row.update(ms_median=round(statistics.median(times), 3), ms_min=round(min(times), 3))
+        row["ms_all"] = [round(x, 3) for x in times]
+    for row in rows:
+        log(f"  {row['method']:<48} {row.get('ms_median', row.get('error'))!s:>10} ms  "
+            f"{row.get('peak_extra_gib', '-')} GiB")
+    return rows
+
+
 def check_against_reference(h, w, ht, wt, kind, group):
     """Relative errors of the fused loss and gradients vs the reference (same bf16 inputs)."""
     _clear(h, w)
@@ -333,14 +383,14 @@ def sp_kernel_sweep(v: int, rows: int):
 
         return fn
 
-    def single_pass(kind, pipelined, block_v, num_warps, num_stages, per_sm, segments):
-        split = ew.single_pass_split(v, dev, segments, block_v)
+    def single_pass(kind, variant, block_v, num_warps, num_stages, per_sm, segments):
+        split = ew.single_pass_split(v, dev, segments, block_v, variant=variant)
         loss = torch.empty(split, rows, device=dev)
         kw = dict(block_v=block_v, num_warps=num_warps, num_stages=num_stages, programs_per_sm=per_sm)
 
         def fn():
             ew.single_pass_loss_grad_(
-                zs, zt, loss, kind=kind, beta=0.5, temperature=1.0, grad_scale=1e-4, pipelined=pipelined, **kw
+                zs, zt, loss, kind=kind, beta=0.5, temperature=1.0, grad_scale=1e-4, variant=variant, **kw
             )
 
         return fn, split
@@ -354,9 +404,9 @@ def sp_kernel_sweep(v: int, rows: int):
 
     for kind in ("forward_kl", "jsd"):
         variants = [(dict(path="multi-pass"), multi_pass(kind))]
-        for pipelined, block_v, num_warps, num_stages, per_sm, segments in SP_SWEEP:
-            fn, split = single_pass(kind, pipelined, block_v, num_warps, num_stages, per_sm, segments)
-            cfg = dict(path="pipelined" if pipelined else "single-pass", block_v=block_v, num_warps=num_warps,
+        for variant, block_v, num_warps, num_stages, per_sm, segments in SP_SWEEP:
+            fn, split = single_pass(kind, variant, block_v, num_warps, num_stages, per_sm, segments)
+            cfg = dict(path=variant, block_v=block_v, num_warps=num_warps,
                        num_stages=num_stages, programs_per_sm=per_sm, segments=split)
             variants.append((cfg, fn))
         for cfg, fn in variants:
@@ -374,8 +424,8 @@ def sp_kernel_sweep(v: int, rows: int):
 
 def profile_kernels(v: int, rows: int) -> None:
     """A few launches of each element-wise path, for ncu (after a warm-up that compiles): per
-    round, KL multi-pass (2 kernels), single pass, pipelined, then JSD (3 kernels), single
-    pass, pipelined."""
+    round, KL multi-pass (2 kernels), then each single-pass variant (ew.SP_VARIANTS), then the
+    same for JSD (3 multi-pass kernels)."""
     g = torch.Generator(device="cuda").manual_seed(2)
     zs0 = torch.randn(rows, v, device="cuda", generator=g).mul_(2).to(torch.bfloat16)
     zt = torch.randn(rows, v, device="cuda", generator=g).mul_(2).to(torch.bfloat16)
@@ -385,13 +435,13 @@ def profile_kernels(v: int, rows: int) -> None:
     loss = torch.empty(split, rows, device=dev)
     for _ in range(2):  # the second round is the one to look at (compiled, occupancy known)
         for kind in ("forward_kl", "jsd"):
-            sp_loss = torch.empty(ew.single_pass_split(v, dev, kind=kind), rows, device=dev)
             zs.copy_(zs0)
             multi_pass_step(zs, zt, loss, kind, split)
-            for pipelined in (False, True):
+            for variant in ew.SP_VARIANTS:
+                sp_loss = torch.empty(ew.single_pass_split(v, dev, kind=kind, variant=variant), rows, device=dev)
                 zs.copy_(zs0)
                 ew.single_pass_loss_grad_(
-                    zs, zt, sp_loss, kind=kind, beta=0.5, temperature=1.0, grad_scale=1e-4, pipelined=pipelined
+                    zs, zt, sp_loss, kind=kind, beta=0.5, temperature=1.0, grad_scale=1e-4, variant=variant
                 )
     torch.cuda.synchronize()
 
@@ -445,16 +495,13 @@ def run_case(name, case, args, group, tp, rank):
     def clear():
         _clear(h, w, *(sp_inputs[:1] if sp_inputs else ()))
 
-    res["rows"].append(measure("floor (4 GEMMs)", floor, r, w_, group, clear=clear))
+    # (label, fn, extra row fields, KERNEL_CONFIG overrides) of the floor and fused variants
+    timed_here = [("floor (4 GEMMs)", floor, {}, {})]
     for kind in args.kinds:
         extra = dict(kind=kind, beta=KINDS[kind])
-        if not args.no_reference:
-            row = measure(f"reference {kind}", reference(kind), max(r // 2, 3), 1, group, extra, clear)
-            res["rows"].append(row)
-        res["rows"].append(measure(f"fused {kind}", fused(kind), r, w_, group, extra, clear))
+        timed_here.append((f"fused {kind}", fused(kind), extra, {}))
         if tp > 1:
-            label = f"fused {kind} sequence-parallel"
-            res["rows"].append(measure(label, fused_sp(kind), r, w_, group, extra, clear))
+            timed_here.append((f"fused {kind} sequence-parallel", fused_sp(kind), extra, {}))
         if args.sweep and tp == 1:
             for c, ct, kernel in SWEEP.get(name, []):
                 if c is not None and c > case["T"]:
@@ -463,14 +510,18 @@ def run_case(name, case, args, group, tp, rank):
                 label = f"fused {kind} C={c or 'auto'} C_t={ct or 'auto'}" + "".join(
                     f" {k}={v}" for k, v in kernel.items()
                 )
-                saved = dict(ew.KERNEL_CONFIG)
-                ew.KERNEL_CONFIG.update(kernel)
-                try:
-                    row = measure(label, fused(kind, **kw), r, w_, group, dict(extra, **kw, kernel=kernel), clear)
-                finally:
-                    ew.KERNEL_CONFIG.update(saved)
-                res["rows"].append(row)
+                timed_here.append((label, fused(kind, **kw), dict(extra, **kw, kernel=kernel), kernel))
+    if args.interleave:
+        res["rows"] += measure_interleaved(timed_here, args.interleave, w_, group, clear)
+    else:
+        for label, fn, extra, kernel in timed_here:
+            with kernel_config(kernel):
+                res["rows"].append(measure(label, fn, r, w_, group, extra, clear))
+    for kind in args.kinds:
         if not args.no_reference:
+            extra = dict(kind=kind, beta=KINDS[kind])
+            row = measure(f"reference {kind}", reference(kind), max(r // 2, 3), 1, group, extra, clear)
+            res["rows"].append(row)
             try:
                 res["checks"][kind] = check_against_reference(h, w, ht, wt, kind, group)
             except torch.OutOfMemoryError:
@@ -562,6 +613,8 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--sweep", action="store_true", help="also time fixed chunking configurations")
+    p.add_argument("--interleave", type=int, default=0, metavar="ROUNDS",
+                   help="time the floor and fused variants in ROUNDS interleaved rounds instead of one after another")
     p.add_argument("--kernel-sweep", action="store_true", help="single-pass kernel configurations vs multi-pass")
     p.add_argument("--gemm-sweep", action="store_true", help="GEMM speed at chunk sizes")
     p.add_argument("--profile-kernels", action="store_true", help="only launch the element-wise kernels (for ncu)")

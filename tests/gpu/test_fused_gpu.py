@@ -129,12 +129,16 @@ def test_weight_grad_into_main_grad_at_benchmark_shapes(inputs, into_dtype):
 
 @pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("pipelined,segments", [(False, 16), (True, 4), (True, 24), (True, 64)])
-def test_single_pass_kernel_matches_multi_pass(kind, dtype, pipelined, segments):
-    # The single-launch paths (TP = 1; pipelined or not) synchronise the programs of a row
-    # through counters in global memory, which the CPU interpreter cannot run with more than one program per row:
-    # check it here on odd shapes (V no multiple of the slice, 1 row, more programs than
-    # work) against the multi-pass kernels. Both compute in fp32 from the same logits and
+@pytest.mark.parametrize(
+    "variant,segments,block_v",
+    [("reread", 16, None), ("pipelined", 4, None), ("pipelined", 24, None), ("pipelined", 64, None),
+     ("resident", None, 1024), ("resident", None, 2048), ("resident", None, 8192)],
+)
+def test_single_pass_kernel_matches_multi_pass(kind, dtype, variant, segments, block_v):
+    # The single-launch paths (TP = 1) synchronise the programs of a row through counters in
+    # global memory, which the CPU interpreter cannot run with more than one program per row:
+    # check them here on odd shapes (V no multiple of the slice or tile, 1 row, more programs
+    # than work) against the multi-pass kernels. Both compute in fp32 from the same logits and
     # differ only in the order of the row sums: 1e-5 (fp32 dz), bf16 dz within one rounding.
     from megatron_distill.losses.kernels import distill_elementwise as ew
 
@@ -143,12 +147,13 @@ def test_single_pass_kernel_matches_multi_pass(kind, dtype, pipelined, segments)
         zs0 = (torch.randn(rows, v, generator=g, device="cuda") * 3).to(dtype)
         zt = (torch.randn(rows, v, generator=g, device="cuda") * 3).to(dtype)
         a, b = zs0.clone(), zs0.clone()
-        split = ew.single_pass_split(v, a.device, segments, kind=kind)
+        split = ew.single_pass_split(v, a.device, segments, block_v, kind=kind, variant=variant)
         loss_a = torch.full((split, rows), float("nan"), device="cuda")
         for _ in range(2):  # the second launch runs with the measured occupancy
             a.copy_(zs0)
             ew.single_pass_loss_grad_(
-                a, zt, loss_a, kind=kind, beta=0.3, temperature=1.3, grad_scale=0.01, pipelined=pipelined
+                a, zt, loss_a, kind=kind, beta=0.3, temperature=1.3, grad_scale=0.01, variant=variant,
+                block_v=block_v,
             )
         stats = ew.row_stats(b, zt, 1.3, kind == "reverse_kl")
         loss_b = torch.empty((stats.shape[1], rows), device="cuda")
