@@ -28,6 +28,7 @@ import argparse
 import contextlib
 import datetime
 import gc
+import importlib.metadata
 import json
 import os
 import platform
@@ -40,6 +41,8 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import gpu_profile  # noqa: E402  (benchmarks/, the script's directory)
 
 from megatron_distill.losses import distill_loss, fused_linear_distill_loss  # noqa: E402
 from megatron_distill.losses.fused import plan_chunks  # noqa: E402
@@ -55,22 +58,16 @@ GIB = 1 << 30
 # Memory (case 1): peak extra ~0.61 GiB (gradients) + (C + C_t) * 0.283 MiB, so C + C_t <= 2293
 # keeps within Liger's 1.26 GiB. single_pass=False is the multi-pass path (previous default);
 # sp_* set a single-pass launch setting for both kinds (defaults: ew.SP_DEFAULTS, per kind).
-_RESIDENT = {"single_pass": True, "sp_variant": "resident"}
+_REREAD = {"single_pass": True, "sp_variant": "reread"}
 SWEEP = {
     "T8k_V152k": [
-        (None, None, {"single_pass": True, "sp_variant": "reread"}),
-        (None, None, _RESIDENT),
-        (None, None, dict(_RESIDENT, sp_block_v=2048, sp_num_warps=4, sp_programs_per_sm=4)),
-        (None, None, dict(_RESIDENT, sp_block_v=4096, sp_num_warps=8, sp_programs_per_sm=3)),
-        (1536, 512, _RESIDENT),
-        (2048, 256, _RESIDENT),
+        (None, None, _REREAD),
+        (2048, 2048, {}),
         (4096, 4096, {}),
-        (4096, 4096, _RESIDENT),
+        (4096, 4096, _REREAD),
     ],
     "T16k_V128k": [
-        (None, None, _RESIDENT),
         (4096, 4096, {}),
-        (4096, 4096, _RESIDENT),
     ],
 }
 # (block_v, num_warps, num_stages, programs_per_sm): for --kernel-sweep (multi-pass kernels)
@@ -80,19 +77,11 @@ KERNEL_SWEEP = [
     (2048, 4, 3, 16),
 ]
 # (variant, block_v, num_warps, num_stages, programs_per_sm, segments): --kernel-sweep, single pass.
-# "resident" holds each segment in registers: block_v is its register tile, which sets the
-# segments (V / block_v); num_stages is unused there.
 SP_SWEEP = [
     ("reread", 2048, 4, 3, 4, 16),
     ("reread", 1024, 4, 3, 8, 16),
     ("pipelined", 1024, 4, 3, 6, 24),
-    ("resident", 2048, 4, 1, 6, None),
-    ("resident", 2048, 4, 1, 4, None),
-    ("resident", 2048, 4, 1, 8, None),
-    ("resident", 1024, 2, 1, 12, None),
-    ("resident", 1024, 4, 1, 8, None),
-    ("resident", 4096, 8, 1, 3, None),
-    ("resident", 8192, 16, 1, 1, None),
+    ("pipelined", 2048, 4, 3, 4, 16),
 ]
 LAUNCHES = 10  # kernel-level timings: back-to-back launches per timed call (hides host overhead)
 
@@ -511,6 +500,14 @@ def run_case(name, case, args, group, tp, rank):
                     f" {k}={v}" for k, v in kernel.items()
                 )
                 timed_here.append((label, fused(kind, **kw), dict(extra, **kw, kernel=kernel), kernel))
+    if args.breakdown and tp == 1:
+        # where each method's time goes: GEMMs, Triton kernels, other kernels, GPU idle
+        res["breakdown"] = {}
+        for label, fn, _, kernel in timed_here:
+            with kernel_config(kernel):
+                fn()
+                res["breakdown"][label] = gpu_profile.record(fn)
+            log(f"  breakdown {label}: " + gpu_profile.format_summary(res["breakdown"][label]).replace("\n", " | "))
     if args.interleave:
         res["rows"] += measure_interleaved(timed_here, args.interleave, w_, group, clear)
     else:
@@ -551,6 +548,13 @@ def run_case(name, case, args, group, tp, rank):
     return res
 
 
+def _version(dist_name: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist_name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 def environment(tp: int) -> dict:
     import triton
 
@@ -564,6 +568,7 @@ def environment(tp: int) -> dict:
         cuda=torch.version.cuda,
         python=platform.python_version(),
         tp=tp,
+        liger_kernel=_version("liger-kernel"),
         command=(f"torchrun --nproc-per-node {tp} " if tp > 1 else "python ") + " ".join(sys.argv),
         kernel_config=dict(ew.KERNEL_CONFIG),
     )
@@ -574,7 +579,8 @@ def markdown(report: dict) -> str:
     lines = [
         f"# Output layer + distillation loss, fwd+bwd ({env['device']}, {env['date'][:10]})",
         "",
-        f"torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}; TP={env['tp']}; "
+        f"torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}, "
+        f"liger-kernel {env.get('liger_kernel')}; TP={env['tp']}; "
         f"command: `{env['command']}`",
         "",
     ]
@@ -584,14 +590,32 @@ def markdown(report: dict) -> str:
             f"## {res['case']}: T={res['T']}, h_s={res['h_s']}, h_t={res['h_t']}, V={res['V']} "
             f"(V_local={res['v_local']}, auto chunk C={res['auto_chunk'][0]}, C_t={res['auto_chunk'][1]})",
             "",
-            "| method | median ms | x floor | peak extra GiB |",
-            "| --- | --- | --- | --- |",
+            "| method | median ms | x floor | x floor, per round: median [q1, q3] | peak extra GiB |",
+            "| --- | --- | --- | --- | --- |",
         ]
         for r in res["rows"]:
             ms = r.get("ms_median")
             ratio = f"{ms / floor:.3f}" if ms and floor else "-"
-            cells = [r["method"], ms if ms else r.get("error"), ratio, r.get("peak_extra_gib", "-")]
+            paired = r.get("x_floor_paired")
+            paired = f"{paired[0]:.3f} [{paired[1]:.3f}, {paired[2]:.3f}]" if paired else "-"
+            cells = [r["method"], ms if ms else r.get("error"), ratio, paired, r.get("peak_extra_gib", "-")]
             lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+        if res.get("breakdown"):
+            lines += [
+                "",
+                "Kernel time of one profiled call (torch.profiler; busy = time any kernel ran, idle = wall - busy):",
+                "",
+                "| method | wall ms | busy ms | idle | matmul ms | triton ms | other kernels ms | kernels |",
+                "| --- | --- | --- | --- | --- | --- | --- | --- |",
+            ]
+            for label, b in res["breakdown"].items():
+                kinds = b["by_kind"]
+                mm = kinds.get("matmul", {}).get("ms", 0.0)
+                tr = kinds.get("triton", {}).get("ms", 0.0)
+                other = sum(v["ms"] for k, v in kinds.items() if k not in ("matmul", "triton"))
+                cells = [label, f"{b['wall_ms']:.2f}", f"{b['gpu_busy_ms']:.2f}", f"{b['idle_fraction']:.1%}",
+                         f"{mm:.2f}", f"{tr:.2f}", f"{other:.2f}", b["kernel_count"]]
+                lines.append("| " + " | ".join(str(c) for c in cells) + " |")
         for kind, c in res["checks"].items():
             if isinstance(c, dict):
                 lines.append(
@@ -615,6 +639,8 @@ def main() -> None:
     p.add_argument("--sweep", action="store_true", help="also time fixed chunking configurations")
     p.add_argument("--interleave", type=int, default=0, metavar="ROUNDS",
                    help="time the floor and fused variants in ROUNDS interleaved rounds instead of one after another")
+    p.add_argument("--breakdown", action="store_true",
+                   help="profile one call of each timed method: GEMM / Triton / other kernel time and GPU idle")
     p.add_argument("--kernel-sweep", action="store_true", help="single-pass kernel configurations vs multi-pass")
     p.add_argument("--gemm-sweep", action="store_true", help="GEMM speed at chunk sizes")
     p.add_argument("--profile-kernels", action="store_true", help="only launch the element-wise kernels (for ncu)")

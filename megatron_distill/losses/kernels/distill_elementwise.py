@@ -89,9 +89,10 @@ SP_DEFAULTS = {
     "jsd": dict(variant="reread", block_v=1024, num_warps=4, num_stages=3, programs_per_sm=8, segments=16),
 }
 # single_pass_loss_grad_'s kernels: "reread" reads each segment twice (the second time mostly
-# from L2), "pipelined" reads the next row while finishing this one, "resident" holds the whole
-# segment in registers (block_v is then the segment's register tile, and sets the segments).
-SP_VARIANTS = ("reread", "pipelined", "resident")
+# from L2), "pipelined" reads the next row while finishing this one. (A third, holding each
+# program's segment in registers with no re-read, was 1.5-1.8x slower than "reread": per row a
+# program waits ~5 us on its peers with too few bytes in flight; NOTES_loss_kernel.md, iteration 6.)
+SP_VARIANTS = ("reread", "pipelined")
 _INTERPRET_BLOCK_V = 1024  # the interpreter runs one numpy op per statement: wide is faster
 _GROUP = 8  # running maxima per 8 consecutive elements: one 16-byte bf16 vector per thread
 
@@ -604,89 +605,6 @@ if triton is not None:
                 )
 
 
-    @triton.jit
-    def _load_segment(zs_ptr, zt_ptr, row, n_rows, stride_s, stride_t, cols, lane, seg_end):
-        # one row's segment of both logits, kept in registers (masked lanes: -inf; nothing past
-        # the last row)
-        mask = lane < tl.where(row < n_rows, seg_end, 0)
-        zs = tl.load(zs_ptr + tl.cast(row, tl.int64) * stride_s + cols, mask=mask, other=float("-inf"))
-        zt = tl.load(zt_ptr + tl.cast(row, tl.int64) * stride_t + cols, mask=mask, other=float("-inf"))
-        return zs, zt
-
-    @triton.jit
-    def _resident_kernel(
-        zs_ptr, zt_ptr, stride_s, stride_t, part_ptr, cnt_ptr, loss_ptr, loss_stride,
-        n_rows, n_cols, seg_len, n_parts, scale2, beta, grad_scale,
-        KIND: tl.constexpr, PARTS: tl.constexpr, SEG: tl.constexpr, FAST_LOG: tl.constexpr,
-    ):
-        # _single_pass_kernel with each program's whole segment of a row held in registers
-        # (SEG >= seg_len): one DRAM read of z_S and z_T and one write of dz, no re-read. The
-        # next row's segment is loaded right after this row's statistics are published, so its
-        # loads are in flight while the program waits for its peers and writes dz.
-        pid = tl.program_id(0)
-        seg = pid % n_parts
-        step = tl.num_programs(0) // n_parts
-        lane = tl.arange(0, SEG)
-        cols = seg * seg_len + lane
-        seg_end = tl.minimum(seg_len, n_cols - seg * seg_len)
-        in_seg = lane < seg_end
-        plane = n_parts * n_rows
-        first = pid // n_parts
-        zs_nxt, zt_nxt = _load_segment(zs_ptr, zt_ptr, first, n_rows, stride_s, stride_t, cols, lane, seg_end)
-        for row in range(first, n_rows, step):
-            zs = zs_nxt.to(tl.float32)
-            zt = zt_nxt.to(tl.float32)
-            m_s = tl.max(zs, axis=0)
-            m_t = tl.max(zt, axis=0)
-            es = tl.exp2((zs - m_s) * scale2)  # masked lanes: 2^-inf = 0
-            l_s = tl.sum(es, axis=0)
-            l_t = tl.sum(tl.exp2((zt - m_t) * scale2), axis=0)
-            if KIND == 1:
-                a = tl.sum(tl.where(in_seg, es * (zs - zt), 0.0), axis=0) * scale2
-            else:
-                a = l_s * 0.0
-            part = part_ptr + seg * n_rows + row
-            _publish(part, plane, m_s, m_t, l_s, l_t, a)
-            _arrive(cnt_ptr + row)
-            nxt = row + step
-            zs_nxt, zt_nxt = _load_segment(zs_ptr, zt_ptr, nxt, n_rows, stride_s, stride_t, cols, lane, seg_end)
-            _wait(cnt_ptr + row, n_parts)
-            m_s, m_t, lg_s, lg_t, a_over_l = _combined_stats(part_ptr, row, n_rows, n_parts, scale2, PARTS, True)
-            ls = (zs - m_s) * scale2 - lg_s
-            lt = (zt - m_t) * scale2 - lg_t
-            ps = tl.exp2(ls)
-            out = zs_ptr + tl.cast(row, tl.int64) * stride_s + cols
-            if KIND < 2:
-                if KIND == 1:
-                    rkl = (a_over_l - ((m_s - m_t) * scale2 + lg_s - lg_t)) * _LN2
-                    dz = ps * ((ls - lt) * _LN2 - rkl)
-                    term = ps * (ls - lt)
-                else:
-                    pt = tl.exp2(lt)
-                    dz = ps - pt
-                    term = pt * (lt - ls)
-                tl.store(out, (dz * grad_scale).to(zs_ptr.dtype.element_ty), mask=in_seg)
-                tl.store(loss_ptr + seg * loss_stride + row, tl.sum(tl.where(in_seg, term, 0.0), axis=0) * _LN2)
-            else:
-                pt = tl.exp2(lt)
-                mix = beta * pt + (1.0 - beta) * ps
-                valid = in_seg & (mix > 0.0)  # see _jsd_sums_segment
-                lm = _log2(tl.where(valid, mix, 1.0), FAST_LOG)
-                ratio = tl.where(valid, ls - lm, 0.0)
-                kl_s = tl.sum(tl.where(valid, ps * ratio, 0.0), axis=0) * _LN2
-                kl_t = tl.sum(tl.where(valid, pt * (lt - lm), 0.0), axis=0) * _LN2
-                tl.store(loss_ptr + seg * loss_stride + row, beta * kl_t + (1.0 - beta) * kl_s)
-                tl.store(part + 5 * plane, kl_s)
-                _arrive(cnt_ptr + n_rows + row)
-                _wait(cnt_ptr + n_rows + row, n_parts)
-                kidx = tl.arange(0, PARTS)
-                kl_row = tl.sum(
-                    _load_parts(part_ptr + 5 * plane + kidx * n_rows + row, kidx < n_parts, 0.0, True), axis=0
-                )
-                dz = tl.where(valid, ps * (ratio * _LN2 - kl_row), 0.0)
-                tl.store(out, (dz * ((1.0 - beta) * grad_scale)).to(zs_ptr.dtype.element_ty), mask=in_seg)
-
-
 # ---------------------------------------------------------------------------------------------
 # Launch geometry
 # ---------------------------------------------------------------------------------------------
@@ -747,14 +665,12 @@ def single_pass_split(
     variant: str | None = None,
 ) -> int:
     """Programs per row (vocab segments) of ``single_pass_loss_grad_`` on ``device`` for
-    ``kind``: about ``segments`` (default: the kind's setting) on CUDA, none empty; for the
-    "resident" variant as many as segments of at most ``block_v`` columns need; 1 under the
+    ``kind``: about ``segments`` (default: the kind's setting) on CUDA, none empty; 1 under the
     interpreter, which runs programs one after the other (peers of a row would wait for ever)."""
     if triton is None or device.type != "cuda" or _interpreting():
         return 1
+    _variant(variant, kind)
     n_slices = triton.cdiv(n_cols, block_v or _sp_block_v(n_cols, device, kind))
-    if _variant(variant, kind) == "resident":
-        return n_slices
     per_segment = triton.cdiv(n_slices, segments or _sp_setting("segments", kind))
     return triton.cdiv(n_slices, per_segment)
 
@@ -1082,18 +998,9 @@ def single_pass_loss_grad_(
     num_warps = num_warps or _sp_setting("num_warps", kind)
     num_stages = num_stages or _sp_setting("num_stages", kind)
     fast_log = _fast_log(zs)
-    if variant == "resident":
-        # equal segments, 16-element aligned (16-byte vector loads), each within one register tile
-        seg_len = _round_up(triton.cdiv(n_cols, n_parts), 16)
-        tile = dict(SEG=_pow2(seg_len))
-        if n_parts > 1 and tile["SEG"] > block_v:
-            raise ValueError(f"{n_parts} segments of {seg_len} columns exceed the register tile {block_v}")
-        kernel = _resident_kernel
-    else:
-        seg_len = triton.cdiv(triton.cdiv(n_cols, block_v), n_parts) * block_v
-        tile = dict(BLOCK_V=block_v, GROUP=_GROUP, STAGES=num_stages)
-        kernel = _pipelined_kernel if variant == "pipelined" else _single_pass_kernel
-    key = (str(device), zs.dtype, zt.dtype, kind, variant, tuple(tile.items()), num_warps, fast_log)
+    seg_len = triton.cdiv(triton.cdiv(n_cols, block_v), n_parts) * block_v
+    kernel = _pipelined_kernel if variant == "pipelined" else _single_pass_kernel
+    key = (str(device), zs.dtype, zt.dtype, kind, block_v, num_warps, num_stages, fast_log, variant)
     if device.type == "cuda":
         # all programs must be resident (peers wait for each other): until the compiled
         # kernel's registers / shared memory are known, one program per multiprocessor
@@ -1109,14 +1016,11 @@ def single_pass_loss_grad_(
     compiled = kernel[(n_prog,)](
         zs, zt, zs.stride(0), zt.stride(0), part, counters, loss_out, loss_out.stride(0),
         rows, n_cols, seg_len, n_parts, scale2, float(beta), grad_scale / temperature,
-        KIND=_KINDS[kind], PARTS=_pow2(n_parts), FAST_LOG=fast_log, num_warps=num_warps, **tile,
+        KIND=_KINDS[kind], PARTS=_pow2(n_parts), BLOCK_V=block_v, GROUP=_GROUP, STAGES=num_stages,
+        FAST_LOG=fast_log, num_warps=num_warps,
     )
     if device.type == "cuda" and key not in _FIT:
         _FIT[key] = _programs_per_sm(compiled, num_warps, device) or 1
-
-
-def _round_up(x: int, m: int) -> int:
-    return -(-x // m) * m
 
 
 __all__ = [
