@@ -434,6 +434,16 @@ _LOSS_FLAGS = _LOSS_FLAGS + (
         False,
         "forward_kl on top-K: renormalize the teacher's K probabilities to sum to 1 first.",
     ),
+    _Flag(
+        "kd_loss_chunk_tokens",
+        int,
+        None,
+        "Fused loss: tokens per chunk of logits (the loss's [chunk, vocab/TP] buffers in the weights' dtype: "
+        "the student's and, with a local teacher, the teacher's). Unset: automatic, the buffers together "
+        "as large as the output layer's weight gradient (1024 tokens for a 151,936 x 2048 layer and a local "
+        "teacher). Larger chunks run faster and hold more memory: benchmarks/NOTES_loss_kernel.md gives "
+        "measured pairs.",
+    ),
 )
 
 _DATA_FLAGS: tuple[_Flag, ...] = (
@@ -772,6 +782,7 @@ _FIELD_MAP: dict[str, tuple[str, str]] = {
     "kd_loss_impl": ("loss", "impl"),
     "kd_topk": ("loss", "topk"),
     "kd_topk_renormalize": ("loss", "topk_renormalize"),
+    "kd_loss_chunk_tokens": ("loss", "chunk_tokens"),
     "data_source": ("data", "source"),
     **{f.dest: ("data", f.dest) for f in _DATA_FLAGS if f.dest != "data_source"},
     **{f.dest: ("checkpoint", f.dest) for f in _MODEL_SOURCE_FLAGS if f.dest != "teacher"},

@@ -88,6 +88,7 @@ class LossConfig:
     impl: str = "auto"
     topk: int | None = None
     topk_renormalize: bool = False
+    chunk_tokens: int | None = None
 
 
 @dataclass
@@ -480,6 +481,8 @@ def validate(cfg: DistillConfig, world_size: int) -> None:
         errors.append("--kd-topk is only supported with --teacher-remote for now")
     if loss.impl not in KD_LOSS_IMPLS:
         errors.append(f"--kd-loss-impl must be one of {KD_LOSS_IMPLS}, got {loss.impl!r}")
+    if loss.chunk_tokens is not None and loss.chunk_tokens < 1:
+        errors.append(f"--kd-loss-chunk-tokens must be >= 1 (or unset: automatic), got {loss.chunk_tokens}")
     if train.seq_length > cfg.student.max_position_embeddings and cfg.student.position_embedding_type == (
         "learned_absolute"
     ):

@@ -174,6 +174,7 @@ def fused_distill_loss_sums(
             tp_group=tp_group,
             sequence_parallel=sequence_parallel,
             reduction="sum",
+            chunk_tokens=loss_cfg.chunk_tokens,
             weight_grad_into=into,
             # d total / d kd_sum: the schedule's loss scale times the distillation weight
             weight_grad_scale=1.0 if loss_scale is None else loss_scale * loss_cfg.kd_weight,
@@ -229,7 +230,8 @@ def topk_distill_loss_sums(
         kd_sum = fused_linear_topk_distill_loss(
             student_out.reshape(-1, student_out.shape[-1]), student_weight[: shard.valid],
             ids.transpose(0, 1).reshape(-1, k), logprobs.transpose(0, 1).reshape(-1, k), loss_cfg.kind,
-            loss_mask=mask, sequence_parallel=sequence_parallel, reduction="sum", **kwargs,
+            loss_mask=mask, sequence_parallel=sequence_parallel, reduction="sum", chunk_tokens=loss_cfg.chunk_tokens,
+            **kwargs,
         )
     num_tokens = mask.sum()
     zero = torch.zeros((), dtype=torch.float32, device=kd_sum.device)

@@ -193,6 +193,7 @@ def every_flag_argv() -> tuple[list[str], list[tuple[str, str, object]]]:
         ("--teacher-remote-timeout-s", "5.5", "checkpoint", "teacher_remote_timeout_s", 5.5),
         ("--kd-topk", "16", "loss", "topk", 16),
         ("--kd-topk-renormalize", None, "loss", "topk_renormalize", True),
+        ("--kd-loss-chunk-tokens", "4096", "loss", "chunk_tokens", 4096),
         ("--export-hf", "/out", "checkpoint", "export_hf", "/out"),
         ("--synthetic-branching", "8", "data", "synthetic_branching", 8),
         ("--data-seed", "99", "data", "data_seed", 99),

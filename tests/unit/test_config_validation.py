@@ -209,6 +209,12 @@ def test_beta_outside_unit_interval(beta):
     fails(make(loss={"kind": "jsd", "beta": beta}), re.escape(f"--kd-beta must be in [0, 1], got {beta}"))
 
 
+@pytest.mark.parametrize("chunk", [0, -8])
+def test_loss_chunk_tokens_positive(chunk):
+    message = f"--kd-loss-chunk-tokens must be >= 1 (or unset: automatic), got {chunk}"
+    fails(make(loss={"chunk_tokens": chunk}), re.escape(message))
+
+
 @pytest.mark.parametrize("tau", [0.0, -1.0, float("nan")])
 def test_temperature_not_positive(tau):
     fails(make(loss={"temperature": tau}), "--kd-temperature must be > 0")

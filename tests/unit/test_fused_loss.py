@@ -235,3 +235,33 @@ def test_rejects_bad_arguments():
         fused_linear_distill_loss(h, w, ht, wt, "kl")
     with pytest.raises(ValueError, match="vocab"):
         fused_linear_distill_loss(h, w, ht, wt[:8], "jsd")
+
+
+def test_loss_step_passes_chunk_tokens_to_the_fused_loss(monkeypatch):
+    # --kd-loss-chunk-tokens reaches the chunk planner of the fused loss, and the loss does not
+    # depend on it (the contract is the same function for any chunking)
+    from megatron_distill import config
+    from megatron_distill.losses import fused
+    from megatron_distill.pipeline.loss_step import VocabShard, fused_distill_loss_sums
+
+    asked = []
+    plan = fused.plan_chunks
+
+    def spy(*args, **kwargs):
+        asked.append(args[5])  # chunk_tokens
+        return plan(*args, **kwargs)
+
+    monkeypatch.setattr(fused, "plan_chunks", spy)
+    s, b, v = 6, 2, 40
+    h, w, ht, wt = _inputs(s * b, 8, 12, v, torch.float32, seed=4)
+    mask = torch.ones(b, s)
+    mask[0, :2] = 0
+    sums = []
+    for chunk in (None, 3):
+        cfg = config.LossConfig(kind="jsd", beta=0.4, chunk_tokens=chunk)
+        total, n, _ = fused_distill_loss_sums(h.view(s, b, 8), w, ht.view(s, b, 12), wt, mask, cfg,
+                                              VocabShard(0, v), None, False)
+        sums.append(total.item())
+    assert asked == [None, 3]
+    assert n.item() == 10
+    assert abs(sums[1] - sums[0]) <= 1e-6 * abs(sums[0])
