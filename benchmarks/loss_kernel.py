@@ -259,13 +259,23 @@ def measure_interleaved(methods, rounds: int, warmup: int, group, clear) -> list
         for _row, fn, kernel, times in live:
             with kernel_config(kernel):
                 times += timed(fn, 1, 0, group)
+    base = live[0][3] if live and live[0][0]["method"].startswith("floor") else None
     for row, _, _, times in live:
         row.update(ms_median=round(statistics.median(times), 3), ms_min=round(min(times), 3))
         row["ms_all"] = [round(x, 3) for x in times]
+        if base is not None and len(times) >= 2:
+            row["x_floor_paired"] = paired_ratio(times, base)
     for row in rows:
         log(f"  {row['method']:<48} {row.get('ms_median', row.get('error'))!s:>10} ms  "
             f"{row.get('peak_extra_gib', '-')} GiB")
     return rows
+
+
+def paired_ratio(times: list[float], base: list[float]) -> list[float]:
+    """Median and quartiles of ``times[i] / base[i]`` (the same round's floor): a drift of the
+    GPU's speed between rounds cancels in each ratio."""
+    q1, q2, q3 = statistics.quantiles([t / b for t, b in zip(times, base, strict=True)], n=4)
+    return [round(q2, 4), round(q1, 4), round(q3, 4)]
 
 
 def check_against_reference(h, w, ht, wt, kind, group):
