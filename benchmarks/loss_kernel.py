@@ -45,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import gpu_profile  # noqa: E402  (benchmarks/, the script's directory)
 
 from megatron_distill.losses import distill_loss, fused_linear_distill_loss  # noqa: E402
+from megatron_distill.losses import fused as fused_module  # noqa: E402
 from megatron_distill.losses.fused import plan_chunks  # noqa: E402
 from megatron_distill.losses.kernels import distill_elementwise as ew  # noqa: E402
 
@@ -59,14 +60,20 @@ GIB = 1 << 30
 # keeps within Liger's 1.26 GiB. single_pass=False is the multi-pass path (previous default);
 # sp_* set a single-pass launch setting for both kinds (defaults: ew.SP_DEFAULTS, per kind).
 _REREAD = {"single_pass": True, "sp_variant": "reread"}
+_EXACT = {"exact_chunks": True}
 SWEEP = {
     "T8k_V152k": [
         (None, None, _REREAD),
-        (2048, 2048, {}),
+        (1152, 576, _EXACT),
+        (1152, 384, _EXACT),
+        (768, 768, _EXACT),
+        (1152, 1152, _EXACT),
+        (1152, 576, dict(_EXACT, **_REREAD)),
         (4096, 4096, {}),
-        (4096, 4096, _REREAD),
     ],
     "T16k_V128k": [
+        (1536, 1536, _EXACT),
+        (1536, 768, _EXACT),
         (4096, 4096, {}),
     ],
 }
@@ -224,14 +231,21 @@ def measure(name, fn, reps, warmup, group, extra=None, clear=lambda: None):
 
 @contextlib.contextmanager
 def kernel_config(overrides: dict):
-    """ew.KERNEL_CONFIG with ``overrides`` applied, restored on exit."""
+    """ew.KERNEL_CONFIG with ``overrides`` applied, restored on exit. The key "exact_chunks"
+    (benchmark only) makes given chunk lengths exact (a shorter last chunk) instead of balanced."""
+    overrides = dict(overrides)
+    exact = overrides.pop("exact_chunks", False)
     saved = dict(ew.KERNEL_CONFIG)
+    balanced = fused_module._balanced
     ew.KERNEL_CONFIG.update(overrides)
+    if exact:
+        fused_module._balanced = lambda n, max_len, align: min(n, max_len)
     try:
         yield
     finally:
         ew.KERNEL_CONFIG.clear()
         ew.KERNEL_CONFIG.update(saved)
+        fused_module._balanced = balanced
 
 
 def measure_interleaved(methods, rounds: int, warmup: int, group, clear) -> list[dict]:
@@ -449,30 +463,43 @@ def triton_cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def gemm_sweep(case: dict):
-    """Single GEMMs at chunk sizes: logits at M rows, weight-grad accumulation at K rows."""
+GEMM_ROWS = (384, 512, 640, 1024, 2816, 4096)
+
+
+def gemm_sweep(case: dict, rows=GEMM_ROWS, libraries=(None,)):
+    """Single GEMMs at chunk sizes: logits at M rows, weight-grad accumulation at K rows; with each
+    of ``libraries`` (torch.backends.cuda.preferred_blas_library: "cublas" / "cublaslt"; None =
+    as configured), and the name of the kernel that ran."""
     out = []
     v, hs, ht_dim = case["V"], case["h_s"], case["h_t"]
     wt = torch.randn(v, ht_dim, device="cuda", dtype=torch.bfloat16)
     ws = torch.randn(v, hs, device="cuda", dtype=torch.bfloat16)
-    gw = torch.zeros(v, hs, device="cuda", dtype=torch.bfloat16)
-    for m in (384, 512, 640, 1024, 2816, 4096):
-        for name, w, k in (("teacher_logits", wt, ht_dim), ("student_logits", ws, hs)):
-            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            z = torch.empty(m, v, device="cuda", dtype=torch.bfloat16)
-            t = statistics.median(timed(lambda x=x, z=z, w=w: torch.mm(x, w.T, out=z), 10, 2))
-            out.append(dict(gemm=name, rows=m, ms=round(t, 4), tflops=round(2 * m * v * k / t / 1e9, 1)))
-            log(f"  gemm {name:<16} M={m:<5} {out[-1]['tflops']} TFLOP/s")
-        dz = torch.randn(m, v, device="cuda", dtype=torch.bfloat16)
-        xs = torch.randn(m, hs, device="cuda", dtype=torch.bfloat16)
-        for name, fn in (
-            ("grad_w_addmm_bf16", lambda dz=dz, xs=xs: gw.addmm_(dz.T, xs)),
-            ("grad_w_mm_bf16_fresh", lambda dz=dz, xs=xs: torch.mm(dz.T, xs, out=gw)),
-            ("grad_h_mm", lambda dz=dz: torch.mm(dz, ws)),
-        ):
-            t = statistics.median(timed(fn, 10, 2))
-            out.append(dict(gemm=name, rows=m, ms=round(t, 4), tflops=round(2 * m * v * hs / t / 1e9, 1)))
-            log(f"  gemm {name:<22} K={m:<5} {out[-1]['tflops']} TFLOP/s")
+    gw = torch.randn(v, hs, device="cuda", dtype=torch.bfloat16)
+    configured = torch.backends.cuda.preferred_blas_library()
+    for library in libraries:
+        torch.backends.cuda.preferred_blas_library(library or configured)
+        for m in rows:
+            cases = []
+            for name, w, k in (("teacher_logits", wt, ht_dim), ("student_logits", ws, hs)):
+                x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+                z = torch.empty(m, v, device="cuda", dtype=torch.bfloat16)
+                cases.append((name, k, lambda x=x, z=z, w=w: torch.mm(x, w.T, out=z)))
+            dz = torch.randn(m, v, device="cuda", dtype=torch.bfloat16)
+            xs = torch.randn(m, hs, device="cuda", dtype=torch.bfloat16)
+            cases += [
+                ("grad_w_addmm_bf16", hs, lambda dz=dz, xs=xs: gw.addmm_(dz.T, xs)),
+                ("grad_w_mm_bf16_fresh", hs, lambda dz=dz, xs=xs: torch.mm(dz.T, xs, out=gw)),
+                ("grad_h_mm", hs, lambda dz=dz: torch.mm(dz, ws)),
+            ]
+            for name, k, fn in cases:
+                t = statistics.median(timed(fn, 10, 2))
+                top = gpu_profile.record(fn)["top_kernels"]
+                row = dict(gemm=name, rows=m, library=str(library or configured), ms=round(t, 4),
+                           tflops=round(2 * m * v * k / t / 1e9, 1), kernel=top[0]["name"][:80] if top else None)
+                out.append(row)
+                log(f"  gemm {name:<22} M/K={m:<5} {row['library']:<24} {row['tflops']} TFLOP/s  {row['kernel']}")
+            del cases, dz, xs
+    torch.backends.cuda.preferred_blas_library(configured)
     return out
 
 
@@ -641,7 +668,8 @@ def markdown(report: dict) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    p.add_argument("--cases", nargs="*", default=list(CASES), choices=list(CASES),
+                   help="benchmark cases (none: only the sweeps asked for)")
     p.add_argument("--kinds", nargs="+", default=list(KINDS), choices=list(KINDS))
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--reps", type=int, default=10)
@@ -653,6 +681,10 @@ def main() -> None:
                    help="profile one call of each timed method: GEMM / Triton / other kernel time and GPU idle")
     p.add_argument("--kernel-sweep", action="store_true", help="single-pass kernel configurations vs multi-pass")
     p.add_argument("--gemm-sweep", action="store_true", help="GEMM speed at chunk sizes")
+    p.add_argument("--gemm-rows", nargs="+", type=int, default=list(GEMM_ROWS), metavar="M",
+                   help="chunk sizes of --gemm-sweep")
+    p.add_argument("--gemm-blas", nargs="+", default=[None], choices=["cublas", "cublaslt"],
+                   help="BLAS libraries of --gemm-sweep (default: as configured)")
     p.add_argument("--profile-kernels", action="store_true", help="only launch the element-wise kernels (for ncu)")
     p.add_argument("--no-reference", action="store_true")
     p.add_argument("--no-liger", action="store_true")
@@ -698,7 +730,7 @@ def main() -> None:
         report["cases"].append(run_case(name, CASES[name], args, group, args.tp, rank))
         save()
     if args.gemm_sweep and rank == 0:
-        report["gemm_sweep"] = gemm_sweep(CASES["T8k_V152k"])
+        report["gemm_sweep"] = gemm_sweep(CASES["T8k_V152k"], args.gemm_rows, args.gemm_blas)
         save()
     log(f"done in {time.time() - t0:.0f} s; wrote {out / stem}.json/.md")
     if rank == 0:
