@@ -57,8 +57,9 @@ KINDS = {"jsd": 0.5, "forward_kl": 0.5}
 GIB = 1 << 30
 # (chunk_tokens, teacher_chunk_tokens, element-wise kernel config overrides): for --sweep.
 # Memory (case 1): peak extra ~0.61 GiB (gradients) + (C + C_t) * 0.283 MiB, so C + C_t <= 2293
-# keeps within Liger's 1.26 GiB. single_pass=False is the multi-pass path (previous default);
-# sp_* set a single-pass launch setting for both kinds (defaults: ew.SP_DEFAULTS, per kind).
+# keeps within Liger's 1.26 GiB. single_pass=True with sp_variant picks the opt-in single-pass
+# kernels (the default is the multi-pass path); sp_* set a single-pass launch setting for both kinds
+# (defaults: ew.SP_DEFAULTS, per kind); exact_chunks is the benchmark's own (see kernel_config).
 _REREAD = {"single_pass": True, "sp_variant": "reread"}
 _EXACT = {"exact_chunks": True}
 SWEEP = {
@@ -211,21 +212,29 @@ def liger_fn(h, w, ht, wt):
     return fn, None
 
 
+def _timing_fields(times: list[float]) -> dict:
+    """A row's timing entries from its per-call milliseconds."""
+    return dict(ms_median=round(statistics.median(times), 3), ms_min=round(min(times), 3),
+                ms_all=[round(x, 3) for x in times])
+
+
+def _log_row(row: dict) -> None:
+    log(f"  {row['method']:<48} {row.get('ms_median', row.get('error'))!s:>10} ms  "
+        f"{row.get('peak_extra_gib', '-')} GiB")
+
+
 def measure(name, fn, reps, warmup, group, extra=None, clear=lambda: None):
     row = dict(method=name, **(extra or {}))
     try:
         row["peak_extra_gib"] = round(peak_extra_gib(fn, clear), 3)
-        t = timed(fn, reps, warmup, group)
-        row.update(ms_median=round(statistics.median(t), 3), ms_min=round(min(t), 3))
-        row["ms_all"] = [round(x, 3) for x in t]
+        row.update(_timing_fields(timed(fn, reps, warmup, group)))
     except torch.OutOfMemoryError:
         row["error"] = "OOM"
     except Exception as exc:  # record it and go on with the other methods
         row["error"] = repr(exc)[:300]
     gc.collect()
     torch.cuda.empty_cache()
-    shown = row.get("ms_median", row.get("error"))
-    log(f"  {name:<48} {shown!s:>10} ms  {row.get('peak_extra_gib', '-')} GiB")
+    _log_row(row)
     return row
 
 
@@ -275,13 +284,11 @@ def measure_interleaved(methods, rounds: int, warmup: int, group, clear) -> list
                 times += timed(fn, 1, 0, group)
     base = live[0][3] if live and live[0][0]["method"].startswith("floor") else None
     for row, _, _, times in live:
-        row.update(ms_median=round(statistics.median(times), 3), ms_min=round(min(times), 3))
-        row["ms_all"] = [round(x, 3) for x in times]
+        row.update(_timing_fields(times))
         if base is not None and len(times) >= 2:
             row["x_floor_paired"] = paired_ratio(times, base)
     for row in rows:
-        log(f"  {row['method']:<48} {row.get('ms_median', row.get('error'))!s:>10} ms  "
-            f"{row.get('peak_extra_gib', '-')} GiB")
+        _log_row(row)
     return rows
 
 
