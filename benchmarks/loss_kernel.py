@@ -59,32 +59,22 @@ GIB = 1 << 30
 # Memory (case 1): peak extra ~0.61 GiB (gradients) + (C + C_t) * 0.283 MiB, so C + C_t <= 2293
 # keeps within Liger's 1.26 GiB. single_pass=True with sp_variant picks the opt-in single-pass
 # kernels (the default is the multi-pass path); sp_* set a single-pass launch setting for both kinds
-# (defaults: ew.SP_DEFAULTS, per kind); exact_chunks is the benchmark's own (see kernel_config);
-# overlap_* put the element-wise steps beside the GEMMs (losses/overlap.py).
+# (defaults: ew.SP_DEFAULTS, per kind); exact_chunks is the benchmark's own (see kernel_config).
 _REREAD = {"single_pass": True, "sp_variant": "reread"}
-
-
-def _beside(sms: int, **more) -> dict:
-    """The element-wise steps on a second stream beside GEMMs that leave them ``sms``
-    multiprocessors (losses/overlap.py)."""
-    return dict(overlap_sms=sms, **more)
-
-
+_EXACT = {"exact_chunks": True}
 SWEEP = {
     "T8k_V152k": [
         (None, None, _REREAD),
-        (None, None, _beside(0)),
-        (None, None, _beside(16)),
-        (None, None, _beside(24)),
-        (None, None, _beside(32)),
-        (None, None, _beside(16, overlap_blas="cublaslt")),
-        (None, None, _beside(24, overlap_splits=4)),
+        (1152, 576, _EXACT),
+        (1152, 384, _EXACT),
+        (768, 768, _EXACT),
+        (1152, 1152, _EXACT),
+        (1152, 576, dict(_EXACT, **_REREAD)),
         (4096, 4096, {}),
     ],
     "T16k_V128k": [
-        (None, None, _beside(0)),
-        (None, None, _beside(16)),
-        (None, None, _beside(24)),
+        (1536, 1536, _EXACT),
+        (1536, 768, _EXACT),
         (4096, 4096, {}),
     ],
 }

@@ -1,4 +1,5 @@
-"""Does an element-wise step run beside a cuBLAS GEMM? (losses/overlap.py's premise, on one GPU.)
+"""Does an element-wise step run beside a cuBLAS GEMM? (NOTES_loss_kernel.md, iteration 9: the
+premise of an overlapped chunk loop, tried in commit 3c47445 and removed: no gain.)
 
 Two measurements at case 1's sub-chunk shapes (512 rows, V = 151936, bf16):
 
@@ -15,6 +16,7 @@ Writes benchmarks/results/overlap_probe_<device>_<date>.json. Usage: python benc
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import statistics
@@ -28,11 +30,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from loss_kernel import environment, multi_pass_step, timed  # noqa: E402
 
 from megatron_distill.losses.kernels import distill_elementwise as ew  # noqa: E402
-from megatron_distill.losses.overlap import sm_carveout  # noqa: E402
 
 ROWS, V, H_S, H_T = 512, 151936, 2048, 4096
 CARVEOUTS = (0, 8, 16, 24, 32, 48, 66)
 REPS = 30
+
+
+@contextlib.contextmanager
+def sm_carveout(n_sms: int, blas: str):
+    """GEMMs issued inside leave ``n_sms`` multiprocessors free (torch's experimental carveout,
+    cuBLASLt's SM count target) and use the BLAS library ``blas``; both restored on exit."""
+    prev_carveout = torch._C._get_sm_carveout_experimental()
+    prev_blas = torch.backends.cuda.preferred_blas_library()
+    torch._C._set_sm_carveout_experimental(n_sms if n_sms > 0 else None)
+    torch.backends.cuda.preferred_blas_library(blas)
+    try:
+        yield
+    finally:
+        torch._C._set_sm_carveout_experimental(prev_carveout)
+        torch.backends.cuda.preferred_blas_library(prev_blas)
 
 
 def median_ms(fn) -> float:

@@ -36,7 +36,6 @@ import torch
 
 from megatron_distill.losses.kernels import distill_elementwise as ew
 from megatron_distill.losses.output_layer_grads import OutputLayerGrads, counted_tokens, rows, scale_saved_grads
-from megatron_distill.losses.overlap import overlapped_chunks
 from megatron_distill.losses.reference import check_loss_args
 from megatron_distill.losses.tp_collectives import (
     ProcessGroup,
@@ -166,48 +165,10 @@ def _loss_grad_(zs, zt, loss_out, cfg: _Config, grad_scale: float) -> None:
     )
 
 
-def _overlapped(cfg: _Config) -> bool:
-    """One process: the element-wise steps run beside the GEMMs (overlap.py) when
-    KERNEL_CONFIG["overlap_sms"] is set."""
-    return group_size(cfg.tp_group) == 1 and ew.KERNEL_CONFIG["overlap_sms"] is not None
-
-
 def _single_pass(cfg: _Config) -> bool:
     """One process holds whole vocabulary rows: statistics, loss and dz in one launch
-    (``ew.single_pass_loss_grad_``), no all-reduce between the passes. Not beside the GEMMs
-    (the kernel needs its whole grid resident)."""
-    return (
-        cfg.impl == "triton"
-        and group_size(cfg.tp_group) == 1
-        and bool(ew.KERNEL_CONFIG["single_pass"])
-        and not _overlapped(cfg)
-    )
-
-
-def _sequential_chunks(hs, ws, ht, wt, idx, n: int, chunk: int, teacher_chunk: int, grads: OutputLayerGrads,
-                       loss_parts: torch.Tensor, cfg: _Config, grad_scale: float, single: bool) -> None:
-    """The chunk loop on the current stream: per chunk the student logits, per teacher sub-chunk
-    its logits and the element-wise step (loss partials into ``loss_parts``, dz over the student
-    logits), then the chunk's gradients into ``grads``."""
-    v_local = ws.shape[0]
-    buf_s = torch.empty((chunk, v_local), dtype=ws.dtype, device=hs.device)
-    buf_t = torch.empty((teacher_chunk, v_local), dtype=wt.dtype, device=hs.device)
-    for c0 in range(0, n, chunk):
-        c1 = min(c0 + chunk, n)
-        hs_c = rows(hs, idx, c0, c1)
-        zs = buf_s[: c1 - c0]
-        torch.mm(hs_c, ws.t(), out=zs)
-        for t0 in range(0, c1 - c0, teacher_chunk):
-            t1 = min(t0 + teacher_chunk, c1 - c0)
-            zt = buf_t[: t1 - t0]
-            torch.mm(rows(ht, idx, c0 + t0, c0 + t1), wt.t(), out=zt)
-            loss_out = loss_parts[:, c0 + t0 : c0 + t1]
-            if single:
-                kw = dict(kind=cfg.kind, beta=cfg.beta, temperature=cfg.temperature, impl=cfg.impl)
-                ew.single_pass_loss_grad_(zs[t0:t1], zt, loss_out, grad_scale=grad_scale, **kw)
-            else:
-                _loss_grad_(zs[t0:t1], zt, loss_out, cfg, grad_scale)
-        grads.add(zs, hs_c, c0, c1)  # zs now holds dL/dz
+    (``ew.single_pass_loss_grad_``), no all-reduce between the passes."""
+    return cfg.impl == "triton" and group_size(cfg.tp_group) == 1 and bool(ew.KERNEL_CONFIG["single_pass"])
 
 
 def _fused_forward(hs, ws, ht, wt, loss_mask, cfg: _Config, need_gh: bool, need_gw: bool,
@@ -228,23 +189,31 @@ def _fused_forward(hs, ws, ht, wt, loss_mask, cfg: _Config, need_gh: bool, need_
         n, v_local, ws.shape[1], ws.element_size(), device, cfg.chunk_tokens, cfg.teacher_chunk_tokens
     )
     # per-row loss partials, one per vocab segment of the element-wise kernels' grid
-    single, overlap = _single_pass(cfg), _overlapped(cfg)
-    splits = max(int(ew.KERNEL_CONFIG["overlap_splits"]), 1)
-    if overlap:
-        teacher_chunk = -(-chunk // splits)
+    single = _single_pass(cfg)
     if single:
         split = ew.single_pass_split(v_local, device, kind=cfg.kind)
     else:
         split = ew.default_split(teacher_chunk, v_local, device) if cfg.impl == "triton" else 1
     loss_parts = torch.zeros((split, n), dtype=torch.float32, device=device)
-    if overlap and n > 0:
-        overlapped_chunks(
-            hs, ws, ht, wt, idx, n, chunk, splits, grads, loss_parts,
-            lambda zs, zt, loss_out: _loss_grad_(zs, zt, loss_out, cfg, grad_scale),
-            sm_carveout_sms=int(ew.KERNEL_CONFIG["overlap_sms"]), blas=ew.KERNEL_CONFIG["overlap_blas"],
-        )
-    elif n > 0:
-        _sequential_chunks(hs, ws, ht, wt, idx, n, chunk, teacher_chunk, grads, loss_parts, cfg, grad_scale, single)
+    if n > 0:
+        buf_s = torch.empty((chunk, v_local), dtype=ws.dtype, device=device)
+        buf_t = torch.empty((teacher_chunk, v_local), dtype=wt.dtype, device=device)
+    for c0 in range(0, n, chunk):
+        c1 = min(c0 + chunk, n)
+        hs_c = rows(hs, idx, c0, c1)
+        zs = buf_s[: c1 - c0]
+        torch.mm(hs_c, ws.t(), out=zs)
+        for t0 in range(0, c1 - c0, teacher_chunk):
+            t1 = min(t0 + teacher_chunk, c1 - c0)
+            zt = buf_t[: t1 - t0]
+            torch.mm(rows(ht, idx, c0 + t0, c0 + t1), wt.t(), out=zt)
+            loss_out = loss_parts[:, c0 + t0 : c0 + t1]
+            if single:
+                kw = dict(kind=cfg.kind, beta=cfg.beta, temperature=cfg.temperature, impl=cfg.impl)
+                ew.single_pass_loss_grad_(zs[t0:t1], zt, loss_out, grad_scale=grad_scale, **kw)
+            else:
+                _loss_grad_(zs[t0:t1], zt, loss_out, cfg, grad_scale)
+        grads.add(zs, hs_c, c0, c1)  # zs now holds dL/dz
 
     loss = all_reduce_sum_(loss_parts.sum(), group) * grad_scale
     return (loss, *grads.finish(group, cfg.sequence_parallel))

@@ -86,20 +86,11 @@ class OutputLayerGrads:
     def add(self, dz: torch.Tensor, hs_chunk: torch.Tensor, c0: int, c1: int) -> None:
         """Add counted rows ``c0:c1``'s share: ``dz`` ``[c1 - c0, V_local]`` = dL/dz, ``hs_chunk``
         ``[c1 - c0, h]`` their hidden states."""
-        self.add_hidden(dz, c0, c1)
-        self.add_weight(dz, hs_chunk, c0)
-
-    def add_hidden(self, dz: torch.Tensor, c0: int, c1: int) -> None:
-        """dL/dh of counted rows ``c0:c1``: ``dz`` ``[c1 - c0, V_local]`` times the weight shard."""
-        if self.grad_h is None:
-            return
-        if self.idx is None:
-            torch.mm(dz, self.ws, out=self.grad_h[c0:c1])
-        else:
-            self.grad_h.index_copy_(0, self.idx[c0:c1], dz @ self.ws)
-
-    def add_weight(self, dz: torch.Tensor, hs_chunk: torch.Tensor, c0: int) -> None:
-        """Add ``dz^T hs_chunk`` (``[V_local, h]``) of the counted rows starting at ``c0`` to dL/dW."""
+        if self.grad_h is not None:
+            if self.idx is None:
+                torch.mm(dz, self.ws, out=self.grad_h[c0:c1])
+            else:
+                self.grad_h.index_copy_(0, self.idx[c0:c1], dz @ self.ws)
         if self.grad_w is not None:
             _accumulate_weight_grad(self.grad_w, dz, hs_chunk, first=c0 == 0 and not self.into, alpha=self.alpha)
 

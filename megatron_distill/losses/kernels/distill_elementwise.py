@@ -79,13 +79,6 @@ KERNEL_CONFIG = dict(
     sp_num_stages=None,
     sp_programs_per_sm=None,
     sp_segments=None,
-    # one process: the element-wise steps on a second stream beside the GEMMs (losses/overlap.py).
-    # overlap_sms: None = off; else the multiprocessors the GEMMs beside an element-wise step
-    # leave to it (0: none, the element-wise kernels only fill the GEMMs' tails). overlap_splits:
-    # teacher sub-chunks per chunk. overlap_blas: None, or "cublaslt" for those GEMMs.
-    overlap_sms=None,
-    overlap_splits=2,
-    overlap_blas=None,
 )
 # Measured on an H100 (benchmarks/NOTES_loss_kernel.md, iterations 4-5; 1024 x 151936 bf16
 # chunk, 10 back-to-back launches): KL 0.434 ms with these settings (multi-pass 0.539), JSD
