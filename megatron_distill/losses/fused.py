@@ -15,10 +15,12 @@ Per chunk of ``C`` (unmasked) tokens:
    all-reduced row sum, KL(p_S || M), between its statistics and dz);
 3. ``grad_h[rows] = dz W_S`` and ``grad_W += dz^T h_S``.
 
-With one process (no TP) the whole of step 2's element-wise work is one persistent Triton
-launch per teacher sub-chunk (``ew.single_pass_loss_grad_``): the programs sharing a row wait
-for each other's partial statistics and re-read their vocab segment from L2, so the logits
-cross DRAM once (read z_S, z_T, write dz) instead of twice (KL) or three times (JSD).
+With one process (no TP) step 2 can be one persistent Triton launch per teacher sub-chunk
+(``ew.single_pass_loss_grad_``; opt-in, ``ew.KERNEL_CONFIG["single_pass"]``): the
+programs sharing a row wait for each other's partial statistics and re-read their vocab
+segment from L2, so the logits cross DRAM once (read z_S, z_T, write dz) instead of twice (KL)
+or three times (JSD). The waits are bounded: rows whose programs are not all resident are
+redone by a short second launch instead of hanging.
 
 A teacher sub-chunk shorter than the chunk saves memory (teacher logits die once their rows'
 dz is written, while the student buffer becomes dz, the operand of the weight-gradient GEMM,

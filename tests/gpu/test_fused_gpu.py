@@ -151,7 +151,7 @@ def test_single_pass_kernel_matches_multi_pass(kind, dtype, variant, segments, b
         loss_a = torch.full((split, rows), float("nan"), device="cuda")
         for _ in range(2):  # the second launch runs with the measured occupancy
             a.copy_(zs0)
-            ew.single_pass_loss_grad_(
+            counters = ew.single_pass_loss_grad_(
                 a, zt, loss_a, kind=kind, beta=0.3, temperature=1.3, grad_scale=0.01, variant=variant,
                 block_v=block_v,
             )
@@ -168,3 +168,38 @@ def test_single_pass_kernel_matches_multi_pass(kind, dtype, variant, segments, b
         torch.testing.assert_close(la, lb, rtol=1e-5, atol=1e-6)
         tol = 1e-5 if dtype == torch.float32 else 8e-3
         assert _rel(a, b.float()) <= tol, (rows, v, split)
+        # a resident grid meets without timing out (the repair launch stays idle)
+        assert (counters >= 0).all()
+
+
+@pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd"])
+@pytest.mark.parametrize("max_polls", [0, 2, 16])
+def test_single_pass_rows_that_time_out_are_redone(kind, max_polls, monkeypatch):
+    # Polling budgets this small make programs give up on peers that are resident but a few
+    # microseconds late: rows time out at their first meeting (or JSD's second), nobody writes
+    # them, and the repair launch redoes them whole. The result must equal the multi-pass
+    # kernels' (fp32 logits: only the order of the row sums differs) whichever rows timed out.
+    from megatron_distill.losses.kernels import distill_elementwise as ew
+
+    monkeypatch.setitem(ew.KERNEL_CONFIG, "sp_max_polls", max_polls)
+    g = torch.Generator(device="cuda").manual_seed(4)
+    rows, v = 1024, 151936
+    zs0 = torch.randn(rows, v, generator=g, device="cuda") * 3
+    zt = torch.randn(rows, v, generator=g, device="cuda") * 3
+    a, b = zs0.clone(), zs0.clone()
+    split = ew.single_pass_split(v, a.device, kind=kind)
+    loss_a = torch.full((split, rows), float("nan"), device="cuda")
+    counters = ew.single_pass_loss_grad_(a, zt, loss_a, kind=kind, beta=0.3, temperature=1.3, grad_scale=0.01)
+    stats = ew.row_stats(b, zt, 1.3, kind == "reverse_kl")
+    loss_b = torch.empty((stats.shape[1], rows), device="cuda")
+    if kind == "jsd":
+        kl = ew.jsd_row_sums(b, zt, stats, loss_b, beta=0.3, temperature=1.3)
+        ew.jsd_grad_(b, zt, stats, kl, beta=0.3, temperature=1.3, grad_scale=0.01)
+    else:
+        ew.kl_loss_grad_(b, zt, stats, loss_b, reverse=kind == "reverse_kl", temperature=1.3, grad_scale=0.01)
+    timed_out = (counters < 0).sum(dim=1).tolist()
+    print(f"{kind} max_polls={max_polls}: rows timed out at meeting 1 / 2: {timed_out}")
+    if max_polls == 0:
+        assert timed_out[0] > 0  # the path under test was taken
+    torch.testing.assert_close(loss_a.sum(0), loss_b.sum(0), rtol=1e-5, atol=1e-6)
+    assert _rel(a, b) <= 1e-5

@@ -3,10 +3,14 @@
 ``single_pass_loss_grad_`` writes each row's divergence (as partials) and dz = grad_scale *
 d loss / d z over the student logits. The reference is ``distill_loss_per_token`` evaluated in
 float64 on the same (already rounded) logits, differentiated by autograd. The interpreter runs
-one program at a time, so each row is one segment here; the multi-segment meeting of the
-programs of a row is checked on the GPU (tests/gpu/test_fused_gpu.py). What this covers: the
-formulas of every variant, masked lanes of a segment wider than the row (V = 301 in a register
-tile of 512), and the loop over rows (4 programs, 9 rows) including the next-row prefetch.
+one program at a time, so the programs of a row never meet there: with one segment per row
+nobody waits; with several, the "reread" kernel's first program of each row gives up waiting
+and marks the row, and the repair launch redoes it (the path that keeps a launch from hanging
+when peers are not resident). The meeting of concurrent programs, and rows that time out at
+JSD's second meeting, are checked on the GPU (tests/gpu/test_fused_gpu.py). What this covers:
+the formulas of every variant, masked lanes of a segment wider than the row (V = 301 in a
+register tile of 512), the loop over rows (4 programs, 9 rows) including the next-row
+prefetch, and the give-up and repair path.
 
 Tolerances: fp32 logits 1e-5 (fp32 rounding of exp2 / log2 and sums of 301 terms lands near
 1e-7; a wrong term shows at 1e-3 or more); bf16 logits: the loss is computed in fp32 from the
@@ -49,6 +53,36 @@ def test_single_pass_variants_match_float64(variant, kind, beta, dtype):
     assert _rel(out, grad_scale * s64.grad) <= (1e-5 if dtype == torch.float32 else 8e-3)
 
 
+@pytest.mark.parametrize("kind,beta", KINDS)
+@pytest.mark.parametrize("n_parts", [2, 3])
+def test_reread_rows_whose_programs_give_up_are_redone(kind, beta, n_parts):
+    # 5 slices of 64 over V = 301 in 2 or 3 segments (the last one partial): every row times
+    # out at its first meeting, no program writes its dz or loss, and the repair launch does
+    # each row whole, writing the loss into partial 0 and zeros (over the NaNs) into the others
+    g = torch.Generator().manual_seed(12)
+    rows, v, tau, grad_scale = 9, 301, 0.9, 0.5
+    zs = torch.randn(rows, v, generator=g) * 3
+    zt = torch.randn(rows, v, generator=g) * 3
+    s64 = zs.double().requires_grad_()
+    ref = distill_loss_per_token(s64, zt.double(), kind, beta=beta, temperature=tau)
+    ref.sum().backward()
+    out = zs.clone()
+    loss = torch.full((n_parts, rows), float("nan"))
+    counters = ew.single_pass_loss_grad_(out, zt, loss, kind=kind, beta=beta, temperature=tau,
+                                         grad_scale=grad_scale, variant="reread", block_v=64)
+    assert (counters[0] < 0).all()  # every row was redone
+    assert torch.isfinite(loss).all()
+    assert _rel(loss.sum(0), ref.detach()) <= 1e-5
+    assert _rel(out, grad_scale * s64.grad) <= 1e-5
+
+
+def test_pipelined_kernel_needs_one_segment_in_the_interpreter():
+    zs, zt = torch.zeros(2, 8), torch.zeros(2, 8)
+    with pytest.raises(ValueError, match="pipelined"):
+        ew.single_pass_loss_grad_(zs, zt, torch.zeros(2, 2), kind="jsd", beta=0.5, temperature=1.0,
+                                  grad_scale=1.0, variant="pipelined")
+
+
 @pytest.mark.parametrize("variant", ew.SP_VARIANTS)
 @pytest.mark.parametrize("kind,beta", [("forward_kl", 0.5), ("jsd", 0.7)])
 def test_fused_loss_with_single_pass_variant(variant, kind, beta, monkeypatch):
@@ -78,3 +112,4 @@ def test_unknown_variant_is_refused():
     with pytest.raises(ValueError, match="variant"):
         ew.single_pass_loss_grad_(zs, zt, torch.zeros(1, 2), kind="jsd", beta=0.5, temperature=1.0,
                                   grad_scale=1.0, variant="fastest")
+

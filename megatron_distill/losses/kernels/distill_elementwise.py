@@ -67,10 +67,8 @@ KERNEL_CONFIG = dict(
     # single-launch path (TP = 1, single_pass_loss_grad_): a persistent grid of at most
     # sp_programs_per_sm resident programs per multiprocessor, about sp_segments per row.
     # None = the per-kind default of SP_DEFAULTS; a value overrides it for every kind.
-    # Off by default: its programs wait on each other through a global-memory counter, which is
-    # only safe while the whole grid is resident; kernels of other streams (e.g. NCCL during
-    # overlapped communication) can hold SMs. The measured gain (1.5-3% of the fused step,
-    # NOTES_loss_kernel.md) does not yet justify that risk in training. Opt in with
+    # Off by default: its programs wait on each other through a global-memory counter (bounded:
+    # rows whose programs are not all resident are redone by a second launch). Opt in with
     # MEGATRON_DISTILL_SINGLE_PASS=1 or KERNEL_CONFIG["single_pass"] = True.
     single_pass=os.environ.get("MEGATRON_DISTILL_SINGLE_PASS", "0") == "1",
     sp_variant=None,
@@ -79,6 +77,9 @@ KERNEL_CONFIG = dict(
     sp_num_stages=None,
     sp_programs_per_sm=None,
     sp_segments=None,
+    # polls of a row's counter before a "reread" program stops waiting for its peers and reads
+    # the whole row itself (a poll is one L2 atomic, well under a microsecond)
+    sp_max_polls=1 << 17,
 )
 # Measured on an H100 (benchmarks/NOTES_loss_kernel.md, iterations 4-5; 1024 x 151936 bf16
 # chunk, 10 back-to-back launches): KL 0.434 ms with these settings (multi-pass 0.539), JSD
@@ -421,6 +422,26 @@ if triton is not None:
         tl.debug_barrier()
 
     @triton.jit
+    def _meet(counter, n_parts, max_polls, POISON: tl.constexpr):
+        # _wait for at most max_polls polls. True when every peer arrived. Otherwise the row's
+        # counter is set to POISON (by this program, or by a peer that gave up first): no
+        # program of the row ever passes this meeting, none writes the row's dz, and
+        # _repair_kernel redoes the row after the launch. So a launch never hangs on peers that
+        # are not resident (kernels of other streams holding multiprocessors).
+        seen = tl.atomic_add(counter, 0, sem="acquire", scope="gpu")
+        polls = 0
+        while (seen >= 0) & (seen < n_parts):
+            if polls < max_polls:
+                seen = tl.atomic_add(counter, 0, sem="acquire", scope="gpu")
+            else:
+                # poison only if nobody arrived since the last poll; else look again
+                prev = tl.atomic_cas(counter, seen, POISON, sem="acq_rel", scope="gpu")
+                seen = tl.where(prev == seen, POISON, prev)
+            polls += 1
+        tl.debug_barrier()
+        return seen >= n_parts
+
+    @triton.jit
     def _kl_next_stats(
         zs_cur, zt_cur, zs_nxt, zt_nxt, col1_n, col0, col1, m_s, m_t, lg_s, lg_t, rkl, scale2, grad_scale,
         REVERSE: tl.constexpr, BLOCK_V: tl.constexpr, GROUP: tl.constexpr, STAGES: tl.constexpr,
@@ -557,14 +578,15 @@ if triton is not None:
     @triton.jit
     def _single_pass_kernel(
         zs_ptr, zt_ptr, stride_s, stride_t, part_ptr, cnt_ptr, loss_ptr, loss_stride,
-        n_rows, n_cols, seg_len, n_parts, scale2, beta, grad_scale,
+        n_rows, n_cols, seg_len, n_parts, scale2, beta, grad_scale, max_polls,
         KIND: tl.constexpr, PARTS: tl.constexpr, BLOCK_V: tl.constexpr, GROUP: tl.constexpr,
-        STAGES: tl.constexpr, FAST_LOG: tl.constexpr,
+        STAGES: tl.constexpr, FAST_LOG: tl.constexpr, POISON: tl.constexpr,
     ):
         # KIND: 0 forward KL, 1 reverse KL, 2 JSD (0 < beta < 1). Grid: a multiple of n_parts
-        # programs, all resident; program p always works on segment p % n_parts, and the
-        # n_parts programs of a row are a fixed group, so a group never waits on a program
-        # that cannot run. part: [6, n_parts, n_rows] (5 statistics + JSD's KL(p_S || M)).
+        # programs, normally all resident; program p always works on segment p % n_parts, and
+        # the n_parts programs of a row are a fixed group. part: [6, n_parts, n_rows] (5
+        # statistics + JSD's KL(p_S || M)). cnt: [2, n_rows] meeting counters (JSD meets twice);
+        # a row whose meeting timed out (_meet) is left untouched for _repair_kernel.
         pid = tl.program_id(0)
         seg = pid % n_parts
         rows_per_step = tl.num_programs(0) // n_parts
@@ -578,31 +600,70 @@ if triton is not None:
             m_s, l_s, m_t, l_t, a = _pair_stats(zs_row, zt_row, col0, col1, scale2, KIND == 1, BLOCK_V, GROUP, STAGES)
             _publish(part, plane, m_s, m_t, l_s, l_t, a)
             _arrive(cnt_ptr + row)
-            _wait(cnt_ptr + row, n_parts)
-            m_s, m_t, lg_s, lg_t, a_over_l = _combined_stats(part_ptr, row, n_rows, n_parts, scale2, PARTS, True)
-            if KIND < 2:
-                rkl = (a_over_l - ((m_s - m_t) * scale2 + lg_s - lg_t)) * _LN2
-                loss = _kl_segment(
-                    zs_row, zt_row, col0, col1, m_s, m_t, lg_s, lg_t, rkl, scale2, grad_scale, KIND == 1,
-                    BLOCK_V, STAGES,
+            if _meet(cnt_ptr + row, n_parts, max_polls, POISON):
+                m_s, m_t, lg_s, lg_t, a_over_l = _combined_stats(part_ptr, row, n_rows, n_parts, scale2, PARTS, True)
+                if KIND < 2:
+                    rkl = (a_over_l - ((m_s - m_t) * scale2 + lg_s - lg_t)) * _LN2
+                    loss = _kl_segment(
+                        zs_row, zt_row, col0, col1, m_s, m_t, lg_s, lg_t, rkl, scale2, grad_scale, KIND == 1,
+                        BLOCK_V, STAGES,
+                    )
+                    tl.store(loss_ptr + seg * loss_stride + row, loss)
+                else:
+                    kl_s, kl_t = _jsd_sums_segment(
+                        zs_row, zt_row, col0, col1, m_s, m_t, lg_s, lg_t, scale2, beta, BLOCK_V, FAST_LOG, STAGES
+                    )
+                    tl.store(loss_ptr + seg * loss_stride + row, beta * kl_t + (1.0 - beta) * kl_s)
+                    tl.store(part + 5 * plane, kl_s)
+                    _arrive(cnt_ptr + n_rows + row)
+                    if _meet(cnt_ptr + n_rows + row, n_parts, max_polls, POISON):
+                        kidx = tl.arange(0, PARTS)
+                        kl_row = tl.sum(
+                            _load_parts(part_ptr + 5 * plane + kidx * n_rows + row, kidx < n_parts, 0.0, True),
+                            axis=0,
+                        )
+                        _jsd_grad_segment(
+                            zs_row, zt_row, col0, col1, m_s, m_t, lg_s, lg_t, kl_row, scale2, beta,
+                            (1.0 - beta) * grad_scale, BLOCK_V, FAST_LOG, STAGES,
+                        )
+
+    @triton.jit
+    def _repair_kernel(
+        zs_ptr, zt_ptr, stride_s, stride_t, cnt_ptr, loss_ptr, loss_stride,
+        n_rows, n_cols, n_parts, scale2, beta, grad_scale,
+        KIND: tl.constexpr, BLOCK_V: tl.constexpr, GROUP: tl.constexpr, STAGES: tl.constexpr,
+        FAST_LOG: tl.constexpr,
+    ):
+        # After _single_pass_kernel: each row whose meeting timed out (a negative counter; its
+        # logits are untouched) done whole by one program: statistics, loss (into partial 0,
+        # the other partials zeroed), dz. Rows that met cost two counter loads.
+        for row in range(tl.program_id(0), n_rows, tl.num_programs(0)):
+            if (tl.load(cnt_ptr + row) < 0) | (tl.load(cnt_ptr + n_rows + row) < 0):
+                zs_row = zs_ptr + tl.cast(row, tl.int64) * stride_s
+                zt_row = zt_ptr + tl.cast(row, tl.int64) * stride_t
+                m_s, l_s, m_t, l_t, a = _pair_stats(
+                    zs_row, zt_row, 0, n_cols, scale2, KIND == 1, BLOCK_V, GROUP, STAGES
                 )
-                tl.store(loss_ptr + seg * loss_stride + row, loss)
-            else:
-                kl_s, kl_t = _jsd_sums_segment(
-                    zs_row, zt_row, col0, col1, m_s, m_t, lg_s, lg_t, scale2, beta, BLOCK_V, FAST_LOG, STAGES
-                )
-                tl.store(loss_ptr + seg * loss_stride + row, beta * kl_t + (1.0 - beta) * kl_s)
-                tl.store(part + 5 * plane, kl_s)
-                _arrive(cnt_ptr + n_rows + row)
-                _wait(cnt_ptr + n_rows + row, n_parts)
-                kidx = tl.arange(0, PARTS)
-                kl_row = tl.sum(
-                    _load_parts(part_ptr + 5 * plane + kidx * n_rows + row, kidx < n_parts, 0.0, True), axis=0
-                )
-                _jsd_grad_segment(
-                    zs_row, zt_row, col0, col1, m_s, m_t, lg_s, lg_t, kl_row, scale2, beta,
-                    (1.0 - beta) * grad_scale, BLOCK_V, FAST_LOG, STAGES,
-                )
+                lg_s = tl.log2(l_s)
+                lg_t = tl.log2(l_t)
+                if KIND < 2:
+                    rkl = (a / l_s - ((m_s - m_t) * scale2 + lg_s - lg_t)) * _LN2
+                    loss = _kl_segment(
+                        zs_row, zt_row, 0, n_cols, m_s, m_t, lg_s, lg_t, rkl, scale2, grad_scale, KIND == 1,
+                        BLOCK_V, STAGES,
+                    )
+                else:
+                    kl_s, kl_t = _jsd_sums_segment(
+                        zs_row, zt_row, 0, n_cols, m_s, m_t, lg_s, lg_t, scale2, beta, BLOCK_V, FAST_LOG, STAGES
+                    )
+                    loss = beta * kl_t + (1.0 - beta) * kl_s
+                    _jsd_grad_segment(
+                        zs_row, zt_row, 0, n_cols, m_s, m_t, lg_s, lg_t, kl_s, scale2, beta,
+                        (1.0 - beta) * grad_scale, BLOCK_V, FAST_LOG, STAGES,
+                    )
+                tl.store(loss_ptr + row, loss)
+                for k in range(1, n_parts):
+                    tl.store(loss_ptr + k * loss_stride + row, 0.0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -683,6 +744,7 @@ def _variant(variant: str | None, kind: str) -> str:
 
 
 _FIT: dict = {}  # launch constants -> programs per multiprocessor that fit (measured)
+_POISON = -(1 << 30)  # a meeting counter that timed out (_meet); arrivals keep it negative
 
 
 def _programs_per_sm(kernel, num_warps: int, device: torch.device) -> int | None:
@@ -963,16 +1025,26 @@ def single_pass_loss_grad_(
     num_stages: int | None = None,
     programs_per_sm: int | None = None,
     variant: str | None = None,
-) -> None:
+) -> torch.Tensor | None:
     """Whole-vocabulary rows only (one process, no TP): loss partials and dz in one launch.
 
     Equivalent to ``row_stats`` + ``kl_loss_grad_`` (``kind`` "forward_kl" / "reverse_kl") or
     ``row_stats`` + ``jsd_row_sums`` + ``jsd_grad_`` ("jsd", 0 < beta < 1) on rows that hold the
     whole vocabulary. ``loss_out``: fp32 ``[P, rows]`` (rows contiguous), P = vocab segments
     per row (``single_pass_split`` with the same settings; 1 for the torch twin and the
-    interpreter), receives each row's divergence as P partials. On return ``zs`` holds
-    ``grad_scale / tau * d loss / d s``. Launch settings left None come from
+    interpreter by default), receives each row's divergence as P partials. On return ``zs``
+    holds ``grad_scale / tau * d loss / d s``. Launch settings left None come from
     KERNEL_CONFIG["sp_*"] or else ``SP_DEFAULTS``; ``variant`` is one of ``SP_VARIANTS``.
+
+    The programs sharing a row wait for each other's partial statistics. With the "reread"
+    kernel a program that has polled KERNEL_CONFIG["sp_max_polls"] times without seeing all of
+    them (they are not resident: other kernels hold multiprocessors) marks the row, nobody
+    writes its dz, and a second, short launch redoes each marked row with one program; so a
+    launch cannot hang. The interpreter, which runs programs one at a time, takes that path for
+    every row that has several programs. The "pipelined" kernel waits without bound.
+
+    Returns the rows' meeting counters, int32 ``[2, rows]`` (negative: the row timed out and was
+    redone), or None where no kernel ran (the torch twin, no rows).
     """
     _check_pair(zs, zt)
     if kind not in _KINDS:
@@ -985,25 +1057,29 @@ def single_pass_loss_grad_(
             jsd_grad_(zs, zt, stats, kl_s, beta=beta, grad_scale=grad_scale, **common)
         else:
             kl_loss_grad_(zs, zt, stats, loss_out, reverse=kind == "reverse_kl", grad_scale=grad_scale, **common)
-        return
+        return None
     rows, n_cols = zs.shape
     if rows == 0:
-        return
+        return None
     n_parts = loss_out.shape[0]
     device = zs.device
-    if n_parts > 1 and (device.type != "cuda" or _interpreting()):
-        raise ValueError("the interpreter runs one program at a time: loss_out must have 1 partial row")
     variant = _variant(variant, kind)
+    interpreted = device.type != "cuda" or _interpreting()
+    if n_parts > 1 and interpreted and variant == "pipelined":
+        raise ValueError("the interpreter runs one program at a time: the pipelined kernel needs 1 partial row")
+    # the interpreter runs the programs one after another: a program waiting for a peer that
+    # comes later never sees it, so it gives up at once and the repair kernel does the row
+    max_polls = 2 if interpreted else int(KERNEL_CONFIG["sp_max_polls"])
     block_v = block_v or _sp_block_v(n_cols, device, kind)
     num_warps = num_warps or _sp_setting("num_warps", kind)
     num_stages = num_stages or _sp_setting("num_stages", kind)
     fast_log = _fast_log(zs)
     seg_len = triton.cdiv(triton.cdiv(n_cols, block_v), n_parts) * block_v
-    kernel = _pipelined_kernel if variant == "pipelined" else _single_pass_kernel
     key = (str(device), zs.dtype, zt.dtype, kind, block_v, num_warps, num_stages, fast_log, variant)
     if device.type == "cuda":
-        # all programs must be resident (peers wait for each other): until the compiled
-        # kernel's registers / shared memory are known, one program per multiprocessor
+        # the programs of a row wait for each other, so the grid should be resident at once:
+        # until the compiled kernel's registers / shared memory are known, one program per
+        # multiprocessor
         sms = torch.cuda.get_device_properties(device).multi_processor_count
         per_sm = min(programs_per_sm or _sp_setting("programs_per_sm", kind), _FIT.get(key, 1))
         n_prog = per_sm * sms
@@ -1013,14 +1089,23 @@ def single_pass_loss_grad_(
     part = torch.empty((6, n_parts, rows), dtype=torch.float32, device=device)
     counters = torch.zeros((2, rows), dtype=torch.int32, device=device)
     scale2 = LOG2E / temperature
-    compiled = kernel[(n_prog,)](
-        zs, zt, zs.stride(0), zt.stride(0), part, counters, loss_out, loss_out.stride(0),
-        rows, n_cols, seg_len, n_parts, scale2, float(beta), grad_scale / temperature,
-        KIND=_KINDS[kind], PARTS=_pow2(n_parts), BLOCK_V=block_v, GROUP=_GROUP, STAGES=num_stages,
-        FAST_LOG=fast_log, num_warps=num_warps,
-    )
+    args = [zs, zt, zs.stride(0), zt.stride(0), part, counters, loss_out, loss_out.stride(0),
+            rows, n_cols, seg_len, n_parts, scale2, float(beta), grad_scale / temperature]
+    consts = dict(KIND=_KINDS[kind], BLOCK_V=block_v, GROUP=_GROUP, STAGES=num_stages, FAST_LOG=fast_log)
+    if variant == "reread":
+        compiled = _single_pass_kernel[(n_prog,)](
+            *args, max_polls, PARTS=_pow2(n_parts), POISON=_POISON, num_warps=num_warps, **consts
+        )
+        # rows whose programs gave up waiting for each other (normally none: a short launch)
+        _repair_kernel[(min(n_prog, rows),)](
+            zs, zt, zs.stride(0), zt.stride(0), counters, loss_out, loss_out.stride(0), rows, n_cols, n_parts,
+            scale2, float(beta), grad_scale / temperature, num_warps=num_warps, **consts,
+        )
+    else:
+        compiled = _pipelined_kernel[(n_prog,)](*args, PARTS=_pow2(n_parts), num_warps=num_warps, **consts)
     if device.type == "cuda" and key not in _FIT:
         _FIT[key] = _programs_per_sm(compiled, num_warps, device) or 1
+    return counters
 
 
 __all__ = [
