@@ -32,6 +32,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import random
 import statistics
 import sys
 import time
@@ -45,7 +46,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import gpu_profile  # noqa: E402  (benchmarks/, the script's directory)
 
 from megatron_distill.losses import distill_loss, fused_linear_distill_loss  # noqa: E402
-from megatron_distill.losses import fused as fused_module  # noqa: E402
 from megatron_distill.losses.fused import plan_chunks  # noqa: E402
 from megatron_distill.losses.kernels import distill_elementwise as ew  # noqa: E402
 
@@ -57,24 +57,21 @@ KINDS = {"jsd": 0.5, "forward_kl": 0.5}
 GIB = 1 << 30
 # (chunk_tokens, teacher_chunk_tokens, element-wise kernel config overrides): for --sweep.
 # Memory (case 1): peak extra ~0.61 GiB (gradients) + (C + C_t) * 0.283 MiB, so C + C_t <= 2293
-# keeps within Liger's 1.26 GiB. single_pass=True with sp_variant picks the opt-in single-pass
-# kernels (the default is the multi-pass path); sp_* set a single-pass launch setting for both kinds
-# (defaults: ew.SP_DEFAULTS, per kind); exact_chunks is the benchmark's own (see kernel_config).
-_REREAD = {"single_pass": True, "sp_variant": "reread"}
-_EXACT = {"exact_chunks": True}
+# keeps within Liger's 1.26 GiB. The default path at TP = 1 is the single pass; the rows with
+# single_pass=True / False time each kind on both paths; sp_* set a single-pass launch setting for both kinds
+# (defaults: ew.SP_DEFAULTS, per kind). (Chunk lengths tuned to cuBLAS's tiles, iteration 8, and
+# the overlapped loop, iteration 9, were swept at commits e1a7a5a and 3c47445.)
+_SINGLE = {"single_pass": True, "sp_variant": "reread"}
+_MULTI = {"single_pass": False}
 SWEEP = {
     "T8k_V152k": [
-        (None, None, _REREAD),
-        (1152, 576, _EXACT),
-        (1152, 384, _EXACT),
-        (768, 768, _EXACT),
-        (1152, 1152, _EXACT),
-        (1152, 576, dict(_EXACT, **_REREAD)),
+        (None, None, _SINGLE),
+        (None, None, _MULTI),
         (4096, 4096, {}),
     ],
     "T16k_V128k": [
-        (1536, 1536, _EXACT),
-        (1536, 768, _EXACT),
+        (None, None, _SINGLE),
+        (None, None, _MULTI),
         (4096, 4096, {}),
     ],
 }
@@ -240,28 +237,24 @@ def measure(name, fn, reps, warmup, group, extra=None, clear=lambda: None):
 
 @contextlib.contextmanager
 def kernel_config(overrides: dict):
-    """ew.KERNEL_CONFIG with ``overrides`` applied, restored on exit. The key "exact_chunks"
-    (benchmark only) makes given chunk lengths exact (a shorter last chunk) instead of balanced."""
-    overrides = dict(overrides)
-    exact = overrides.pop("exact_chunks", False)
+    """ew.KERNEL_CONFIG with ``overrides`` applied, restored on exit."""
     saved = dict(ew.KERNEL_CONFIG)
-    balanced = fused_module._balanced
     ew.KERNEL_CONFIG.update(overrides)
-    if exact:
-        fused_module._balanced = lambda n, max_len, align: min(n, max_len)
     try:
         yield
     finally:
         ew.KERNEL_CONFIG.clear()
         ew.KERNEL_CONFIG.update(saved)
-        fused_module._balanced = balanced
 
 
 def measure_interleaved(methods, rounds: int, warmup: int, group, clear) -> list[dict]:
     """Like ``measure`` for each of ``methods`` ((label, fn, extra, kernel overrides)), but timed
     in ``rounds`` rounds that call every method once in turn, so that a drift of the GPU's speed
-    during the run (clocks, temperature) reaches all methods alike. Peak memory first, per
-    method; then ``warmup`` calls each; rows carry ``rounds`` timings each."""
+    during the run (clocks, temperature) reaches all methods alike. Each round calls the methods
+    in a new random order (seeded): with a fixed order, the method called right after the floor
+    (pure GEMMs) measured ~0.025x of the floor slower than the same configuration called later
+    in the round (NOTES iteration 12). Peak memory first, per method; then ``warmup`` calls
+    each; rows carry ``rounds`` timings each, in round order."""
     rows, live = [], []
     for label, fn, extra, kernel in methods:
         row = dict(method=label, interleaved_rounds=rounds, **extra)
@@ -278,8 +271,9 @@ def measure_interleaved(methods, rounds: int, warmup: int, group, clear) -> list
         rows.append(row)
         gc.collect()
         torch.cuda.empty_cache()
+    order = random.Random(0)  # the same on every TP rank, so the ranks stay in step
     for _ in range(rounds):
-        for _row, fn, kernel, times in live:
+        for _row, fn, kernel, times in order.sample(live, len(live)):
             with kernel_config(kernel):
                 times += timed(fn, 1, 0, group)
     base = live[0][3] if live and live[0][0]["method"].startswith("floor") else None

@@ -16,7 +16,7 @@ Per chunk of ``C`` (unmasked) tokens:
 3. ``grad_h[rows] = dz W_S`` and ``grad_W += dz^T h_S``.
 
 With one process (no TP) step 2 can be one persistent Triton launch per teacher sub-chunk
-(``ew.single_pass_loss_grad_``; opt-in, ``ew.KERNEL_CONFIG["single_pass"]``): the
+(``ew.single_pass_loss_grad_``; the default, ``ew.KERNEL_CONFIG["single_pass"]``): the
 programs sharing a row wait for each other's partial statistics and re-read their vocab
 segment from L2, so the logits cross DRAM once (read z_S, z_T, write dz) instead of twice (KL)
 or three times (JSD). The waits are bounded: rows whose programs are not all resident are

@@ -113,3 +113,26 @@ def test_unknown_variant_is_refused():
         ew.single_pass_loss_grad_(zs, zt, torch.zeros(1, 2), kind="jsd", beta=0.5, temperature=1.0,
                                   grad_scale=1.0, variant="fastest")
 
+
+@pytest.mark.parametrize("single", [True, False])
+def test_single_pass_switch_routes_every_kind(single, monkeypatch):
+    # on (the default) every kind at TP = 1 takes the single launch, off none does
+    monkeypatch.setitem(ew.KERNEL_CONFIG, "single_pass", single)
+    calls = []
+    real = ew.single_pass_loss_grad_
+    monkeypatch.setattr(ew, "single_pass_loss_grad_", lambda *a, **k: calls.append(k["kind"]) or real(*a, **k))
+    g = torch.Generator().manual_seed(6)
+    h, w = torch.randn(6, 8, generator=g), torch.randn(40, 8, generator=g)
+    for kind in ("forward_kl", "reverse_kl", "jsd"):
+        calls.clear()
+        fused_linear_distill_loss(h, w.clone().requires_grad_(), h, w, kind, impl="triton")
+        assert calls == ([kind] if single else [])
+
+
+@pytest.mark.parametrize("value,expected", [("", True), ("1", True), ("0", False)])
+def test_single_pass_environment_flag(value, expected, monkeypatch):
+    monkeypatch.setenv("MEGATRON_DISTILL_SINGLE_PASS", value)
+    assert ew._env_flag("MEGATRON_DISTILL_SINGLE_PASS", default=True) is expected
+    monkeypatch.setenv("MEGATRON_DISTILL_SINGLE_PASS", "yes")
+    with pytest.raises(ValueError, match="MEGATRON_DISTILL_SINGLE_PASS"):
+        ew._env_flag("MEGATRON_DISTILL_SINGLE_PASS", default=True)

@@ -59,6 +59,14 @@ N_STATS = 5
 # a slice of 4096 bf16 elements is two 16-byte loads per tensor per thread with 8 warps;
 # num_stages > 1 lets Triton prefetch the next slices (cp.async) while this one is computed;
 # the grid gets about programs_per_sm programs per multiprocessor.
+def _env_flag(name: str, default: bool) -> bool:
+    """True / False for an environment variable set to 1 / 0, ``default`` when unset or empty."""
+    value = os.environ.get(name, "")
+    if value not in ("", "0", "1"):
+        raise ValueError(f"${name} must be 0 or 1, got {value!r}")
+    return default if value == "" else value == "1"
+
+
 KERNEL_CONFIG = dict(
     block_v=4096,
     num_warps=8,
@@ -67,10 +75,10 @@ KERNEL_CONFIG = dict(
     # single-launch path (TP = 1, single_pass_loss_grad_): a persistent grid of at most
     # sp_programs_per_sm resident programs per multiprocessor, about sp_segments per row.
     # None = the per-kind default of SP_DEFAULTS; a value overrides it for every kind.
-    # Off by default: its programs wait on each other through a global-memory counter (bounded:
-    # rows whose programs are not all resident are redone by a second launch). Opt in with
-    # MEGATRON_DISTILL_SINGLE_PASS=1 or KERNEL_CONFIG["single_pass"] = True.
-    single_pass=os.environ.get("MEGATRON_DISTILL_SINGLE_PASS", "0") == "1",
+    # single_pass: the default path at TP = 1 (1-1.5% of the fused step faster than the
+    # multi-pass kernels, NOTES_loss_kernel.md iteration 12); $MEGATRON_DISTILL_SINGLE_PASS=0
+    # turns it off.
+    single_pass=_env_flag("MEGATRON_DISTILL_SINGLE_PASS", default=True),
     sp_variant=None,
     sp_block_v=None,
     sp_num_warps=None,
