@@ -25,6 +25,10 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from loss_kernel import timed  # noqa: E402  (benchmarks/, the script's directory)
+
 LOG2E = 1.4426950408889634
 
 
@@ -95,17 +99,7 @@ N_VOCAB = 151936
 
 
 def timed_ms(fn, reps=20, warmup=3) -> float:
-    for _ in range(warmup):
-        fn()
-    out = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        out.append(a.elapsed_time(b))
-    return statistics.median(out)
+    return statistics.median(timed(fn, reps, warmup))
 
 
 def check(x, w, z, m, s, cfg) -> dict:

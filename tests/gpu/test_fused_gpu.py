@@ -127,6 +127,21 @@ def test_weight_grad_into_main_grad_at_benchmark_shapes(inputs, into_dtype):
     assert _rel(hs.grad, 0.5 * ref_gh) <= 1.5e-2
 
 
+def _multi_pass(zs: torch.Tensor, zt: torch.Tensor, kind: str) -> torch.Tensor:
+    """The multi-pass kernels' loss partials ``[P, rows]`` (beta 0.3, tau 1.3, grad scale 0.01);
+    ``zs`` ``[rows, V]`` becomes dz."""
+    from megatron_distill.losses.kernels import distill_elementwise as ew
+
+    stats = ew.row_stats(zs, zt, 1.3, kind == "reverse_kl")
+    loss = torch.empty((stats.shape[1], zs.shape[0]), device=zs.device)
+    if kind == "jsd":
+        kl = ew.jsd_row_sums(zs, zt, stats, loss, beta=0.3, temperature=1.3)
+        ew.jsd_grad_(zs, zt, stats, kl, beta=0.3, temperature=1.3, grad_scale=0.01)
+    else:
+        ew.kl_loss_grad_(zs, zt, stats, loss, reverse=kind == "reverse_kl", temperature=1.3, grad_scale=0.01)
+    return loss
+
+
 @pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(
@@ -155,13 +170,7 @@ def test_single_pass_kernel_matches_multi_pass(kind, dtype, variant, segments, b
                 a, zt, loss_a, kind=kind, beta=0.3, temperature=1.3, grad_scale=0.01, variant=variant,
                 block_v=block_v,
             )
-        stats = ew.row_stats(b, zt, 1.3, kind == "reverse_kl")
-        loss_b = torch.empty((stats.shape[1], rows), device="cuda")
-        if kind == "jsd":
-            kl = ew.jsd_row_sums(b, zt, stats, loss_b, beta=0.3, temperature=1.3)
-            ew.jsd_grad_(b, zt, stats, kl, beta=0.3, temperature=1.3, grad_scale=0.01)
-        else:
-            ew.kl_loss_grad_(b, zt, stats, loss_b, reverse=kind == "reverse_kl", temperature=1.3, grad_scale=0.01)
+        loss_b = _multi_pass(b, zt, kind)
         torch.cuda.synchronize()
         la, lb = loss_a.sum(0), loss_b.sum(0)
         assert torch.isfinite(la).all() and torch.isfinite(a.float()).all()
@@ -190,13 +199,7 @@ def test_single_pass_rows_that_time_out_are_redone(kind, max_polls, monkeypatch)
     split = ew.single_pass_split(v, a.device, kind=kind)
     loss_a = torch.full((split, rows), float("nan"), device="cuda")
     counters = ew.single_pass_loss_grad_(a, zt, loss_a, kind=kind, beta=0.3, temperature=1.3, grad_scale=0.01)
-    stats = ew.row_stats(b, zt, 1.3, kind == "reverse_kl")
-    loss_b = torch.empty((stats.shape[1], rows), device="cuda")
-    if kind == "jsd":
-        kl = ew.jsd_row_sums(b, zt, stats, loss_b, beta=0.3, temperature=1.3)
-        ew.jsd_grad_(b, zt, stats, kl, beta=0.3, temperature=1.3, grad_scale=0.01)
-    else:
-        ew.kl_loss_grad_(b, zt, stats, loss_b, reverse=kind == "reverse_kl", temperature=1.3, grad_scale=0.01)
+    loss_b = _multi_pass(b, zt, kind)
     timed_out = (counters < 0).sum(dim=1).tolist()
     print(f"{kind} max_polls={max_polls}: rows timed out at meeting 1 / 2: {timed_out}")
     if max_polls == 0:
