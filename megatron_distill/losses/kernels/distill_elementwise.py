@@ -55,10 +55,7 @@ LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 N_STATS = 5
 
-# Launch configuration on CUDA (benchmarks/loss_kernel.py --kernel-sweep measures the options):
-# a slice of 4096 bf16 elements is two 16-byte loads per tensor per thread with 8 warps;
-# num_stages > 1 lets Triton prefetch the next slices (cp.async) while this one is computed;
-# the grid gets about programs_per_sm programs per multiprocessor.
+
 def _env_flag(name: str, default: bool) -> bool:
     """True / False for an environment variable set to 1 / 0, ``default`` when unset or empty."""
     value = os.environ.get(name, "")
@@ -67,6 +64,10 @@ def _env_flag(name: str, default: bool) -> bool:
     return default if value == "" else value == "1"
 
 
+# Launch configuration on CUDA (benchmarks/loss_kernel.py --kernel-sweep measures the options):
+# a slice of 4096 bf16 elements is two 16-byte loads per tensor per thread with 8 warps;
+# num_stages > 1 lets Triton prefetch the next slices (cp.async) while this one is computed;
+# the grid gets about programs_per_sm programs per multiprocessor.
 KERNEL_CONFIG = dict(
     block_v=4096,
     num_warps=8,
@@ -85,8 +86,8 @@ KERNEL_CONFIG = dict(
     sp_num_stages=None,
     sp_programs_per_sm=None,
     sp_segments=None,
-    # polls of a row's counter before a "reread" program stops waiting for its peers and reads
-    # the whole row itself (a poll is one L2 atomic, well under a microsecond)
+    # polls of a row's counter before a "reread" program stops waiting for its peers and marks
+    # the row for the repair launch (a poll is one L2 atomic, well under a microsecond)
     sp_max_polls=1 << 17,
 )
 # Measured on an H100 (benchmarks/NOTES_loss_kernel.md, iterations 4-5; 1024 x 151936 bf16
