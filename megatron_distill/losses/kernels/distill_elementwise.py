@@ -230,6 +230,12 @@ if triton is not None:
         return m_s, m_t, tl.log2(l_s), tl.log2(l_t), a / l_s
 
     @triton.jit
+    def _row_reverse_kl(a_over_l, m_s, m_t, lg_s, lg_t, scale2):
+        # Reverse KL of a whole row (all shards) from its combined statistics (_combined_stats):
+        # E_pS[s - t] - (lse_s - lse_t), natural log.
+        return (a_over_l - ((m_s - m_t) * scale2 + lg_s - lg_t)) * _LN2
+
+    @triton.jit
     def _kl_segment(
         zs_row, zt_row, col0, col1, m_s, m_t, lg_s, lg_t, rkl, scale2, grad_scale,
         REVERSE: tl.constexpr, BLOCK_V: tl.constexpr, STAGES: tl.constexpr,
@@ -265,9 +271,8 @@ if triton is not None:
         zs_row = zs_ptr + row.to(tl.int64) * stride_s
         zt_row = zt_ptr + row.to(tl.int64) * stride_t
         m_s, m_t, lg_s, lg_t, a_over_l = _combined_stats(stats_ptr, row, n_rows, n_parts, scale2, PARTS)
-        # Reverse KL of the whole row (all shards): E_pS[s - t] - (lse_s - lse_t), natural log.
-        # dz needs it before the row is revisited, and it is the only row-global term dz needs.
-        rkl = (a_over_l - ((m_s - m_t) * scale2 + lg_s - lg_t)) * _LN2
+        # dz needs the row's reverse KL before the row is revisited: the only row-global term
+        rkl = _row_reverse_kl(a_over_l, m_s, m_t, lg_s, lg_t, scale2)
         loss = _kl_segment(
             zs_row, zt_row, col0, col1, m_s, m_t, lg_s, lg_t, rkl, scale2, grad_scale, REVERSE, BLOCK_V, STAGES
         )
@@ -556,7 +561,7 @@ if triton is not None:
             _wait(cnt_ptr + row, n_parts)
             m_s, m_t, lg_s, lg_t, a_over_l = _combined_stats(part_ptr, row, n_rows, n_parts, scale2, PARTS, True)
             if KIND < 2:
-                rkl = (a_over_l - ((m_s - m_t) * scale2 + lg_s - lg_t)) * _LN2
+                rkl = _row_reverse_kl(a_over_l, m_s, m_t, lg_s, lg_t, scale2)
                 loss, n_ms, n_ls, n_mt, n_lt, n_a = _kl_next_stats(
                     zs_row, zt_row, zs_nxt, zt_nxt, col1_n, col0, col1, m_s, m_t, lg_s, lg_t, rkl, scale2,
                     grad_scale, KIND == 1, BLOCK_V, GROUP, STAGES,
@@ -612,7 +617,7 @@ if triton is not None:
             if _meet(cnt_ptr + row, n_parts, max_polls, POISON):
                 m_s, m_t, lg_s, lg_t, a_over_l = _combined_stats(part_ptr, row, n_rows, n_parts, scale2, PARTS, True)
                 if KIND < 2:
-                    rkl = (a_over_l - ((m_s - m_t) * scale2 + lg_s - lg_t)) * _LN2
+                    rkl = _row_reverse_kl(a_over_l, m_s, m_t, lg_s, lg_t, scale2)
                     loss = _kl_segment(
                         zs_row, zt_row, col0, col1, m_s, m_t, lg_s, lg_t, rkl, scale2, grad_scale, KIND == 1,
                         BLOCK_V, STAGES,
@@ -656,7 +661,7 @@ if triton is not None:
                 lg_s = tl.log2(l_s)
                 lg_t = tl.log2(l_t)
                 if KIND < 2:
-                    rkl = (a / l_s - ((m_s - m_t) * scale2 + lg_s - lg_t)) * _LN2
+                    rkl = _row_reverse_kl(a / l_s, m_s, m_t, lg_s, lg_t, scale2)
                     loss = _kl_segment(
                         zs_row, zt_row, 0, n_cols, m_s, m_t, lg_s, lg_t, rkl, scale2, grad_scale, KIND == 1,
                         BLOCK_V, STAGES,
