@@ -206,3 +206,19 @@ def test_single_pass_rows_that_time_out_are_redone(kind, max_polls, monkeypatch)
         assert timed_out[0] > 0  # the path under test was taken
     torch.testing.assert_close(loss_a.sum(0), loss_b.sum(0), rtol=1e-5, atol=1e-6)
     assert _rel(a, b) <= 1e-5
+
+
+def test_free_bytes_counts_the_allocators_idle_blocks():
+    """plan_chunks' free memory: the device's free bytes plus what the caching allocator holds
+    unused, read from one statistics call (torch.cuda.memory_reserved / memory_allocated each
+    flatten the statistics in Python, ~0.2 ms per call before every loss call's first GEMM)."""
+    from megatron_distill.losses.fused import _free_bytes
+
+    dev = torch.device("cuda")
+    held = torch.empty(64 << 20, dtype=torch.uint8, device=dev)
+    del held  # 64 MiB now idle in the allocator's cache
+    torch.cuda.synchronize()
+    expect = torch.cuda.mem_get_info(dev)[0] + torch.cuda.memory_reserved(dev) - torch.cuda.memory_allocated(dev)
+    got = _free_bytes(dev)
+    assert abs(got - expect) <= 2 << 20  # other processes may allocate in between
+    assert got - torch.cuda.mem_get_info(dev)[0] >= 64 << 20
