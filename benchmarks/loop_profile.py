@@ -1,0 +1,300 @@
+"""Where do the fused loss's GEMMs lose time against the floor's? (NOTES_loss_kernel.md, iteration 13.)
+
+Profiles, for case 1 of loss_kernel.py (bf16, T=8192, h_s=2048, h_t=4096, V=151936):
+
+* the floor's four GEMMs (one call each over all tokens);
+* one fused call per kind at the default chunking, each of its GEMMs labelled by its place in
+  the chunk loop (student logits, teacher logits, grad_h, grad_W) and its Triton kernels;
+* the same chunk GEMMs issued back to back without the element-wise kernels between them;
+* each of these timed with CUDA events as loss_kernel.py times it, and after a short (~2 ms) and
+  a long (~30 ms) sleep kernel queued before the start event, which let the host enqueue ahead of
+  the GPU. On a power-limited GPU the sleep also lets the card cool, so these differences mix host
+  overhead with clock changes (notes, iteration 13);
+* the GPU's idle gaps inside one call (CUDA-only profiler, little host overhead of its own), the
+  host's first ops of a fused call, a cProfile of one call, and the host cost of plan_chunks.
+
+Kernel durations come from the CUDA profiler (the kernels each aten::mm / addmm launched),
+medians over ``REPS`` profiled calls. Prints tables and writes JSON to OUTDIR.
+
+Usage (GPU): python benchmarks/loop_profile.py [OUTDIR]
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import statistics
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+import triton
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from megatron_distill.losses import fused_linear_distill_loss  # noqa: E402
+from megatron_distill.losses.fused import plan_chunks  # noqa: E402
+
+T, H_S, H_T, V = 8192, 2048, 4096, 151936
+REPS = 3
+ROUNDS = 20
+GEMM_OPS = ("aten::mm", "aten::addmm", "aten::addmm_")
+LABELS = ("student logits", "teacher logits", "grad_h", "grad_W")
+
+
+def profiled(fn) -> tuple[list[tuple[str, float]], list[tuple[str, float]], float]:
+    """``fn`` once under the profiler: (GEMM op name, its kernels' ms) in launch order, (other
+    kernel name, ms) and the wall ms."""
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+    wall = start.elapsed_time(end)
+    events = sorted(prof.events(), key=lambda e: e.time_range.start)
+    gemms, gemm_kernels = [], set()
+    for e in events:
+        if e.name in GEMM_OPS and e.device_type == torch.autograd.DeviceType.CPU and e.kernels:
+            # only the innermost op: addmm may call mm-free kernels itself
+            gemms.append((e.name, sum(k.duration for k in e.kernels) / 1e3))
+            gemm_kernels.update(k.name for k in e.kernels)
+    others = [
+        (e.name, (e.time_range.end - e.time_range.start) / 1e3)
+        for e in events
+        if e.device_type == torch.autograd.DeviceType.CUDA and e.name not in gemm_kernels
+    ]
+    return gemms, others, wall
+
+
+SLEEP_CYCLES = 60_000_000  # ~30-35 ms at the H100's clocks: longer than any call's host time
+
+
+SHORT_SLEEP_CYCLES = 4_000_000  # ~2-3 ms: covers the host's work before a call's first kernel
+
+
+def event_ms(fn, sleep_cycles: int) -> tuple[float, float]:
+    """(GPU ms between events around ``fn``, host ms of ``fn``); a sleep kernel of
+    ``sleep_cycles`` queued before the start event lets the host run that far ahead of the GPU
+    (a long one holds the GPU until everything is enqueued; it also lets the GPU cool down)."""
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    if sleep_cycles:
+        torch.cuda._sleep(sleep_cycles)
+    start.record()
+    t0 = time.perf_counter()
+    fn()
+    host = (time.perf_counter() - t0) * 1e3
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end), host
+
+
+def label_loop(gemms: list[tuple[str, float]]) -> dict[str, list[float]]:
+    """GEMM ms by label: each chunk launches student logits, teacher logits, grad_h, grad_W."""
+    out: dict[str, list[float]] = defaultdict(list)
+    for i, (_, ms) in enumerate(gemms):
+        out[LABELS[i % 4]].append(ms)
+    return out
+
+
+def gaps(fn, top: int = 12) -> dict:
+    """``fn`` once under the CUDA-only profiler (little host overhead): the GPU's idle time
+    between consecutive kernels, in total and the largest gaps with their neighbours."""
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    ks = sorted(
+        ((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+         if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.end > e.time_range.start),
+    )
+    found = []
+    for i in range(1, len(ks)):
+        gap = ks[i][0] - max(k[1] for k in ks[:i])
+        if gap > 0:
+            found.append((gap, i, ks[i - 1][2][:50], ks[i][2][:50]))
+    found.sort(reverse=True)
+    return dict(
+        kernels=len(ks), span_ms=round((ks[-1][1] - ks[0][0]) / 1e3, 4),
+        idle_ms=round(sum(g for g, *_ in found) / 1e3, 4),
+        largest=[dict(us=round(g, 1), index=i, after=a, before=b) for g, i, a, b in found[:top]],
+    )
+
+
+def host_timeline(fn, first: int = 16) -> list[dict]:
+    """The first ``first`` top-level host ops of ``fn`` (GPU held by a sleep kernel): start
+    offset and duration in microseconds, to see what comes before the first GEMM."""
+    torch.cuda.synchronize()
+    torch.cuda._sleep(SLEEP_CYCLES)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    torch.cuda.synchronize()
+    def top_aten(e) -> bool:
+        return e.name.startswith("aten::") and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))
+
+    ops = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CPU and top_aten(e)),
+                 key=lambda e: e.time_range.start)
+    t0 = ops[0].time_range.start if ops else 0
+    return [dict(op=e.name[:60], start_us=round(e.time_range.start - t0, 1),
+                 us=round(e.time_range.end - e.time_range.start, 1)) for e in ops[:first]]
+
+
+def host_profile(fn, calls: int = 3, top: int = 30, sort: str = "tottime", sleep: bool = True) -> str:
+    """cProfile of ``fn``'s host work, each call made while a sleep kernel holds the GPU (so no
+    call waits for the device): where the host's time to enqueue the work goes."""
+    import cProfile
+    import io
+    import pstats
+
+    prof = cProfile.Profile()
+    for _ in range(calls):
+        torch.cuda.synchronize()
+        if sleep:
+            torch.cuda._sleep(SLEEP_CYCLES)
+        prof.enable()
+        fn()
+        prof.disable()
+    torch.cuda.synchronize()
+    buf = io.StringIO()
+    pstats.Stats(prof, stream=buf).sort_stats(sort).print_stats(top)
+    return buf.getvalue()
+
+
+def main() -> None:
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    hs = torch.randn(T, H_S, device=dev, dtype=torch.bfloat16)
+    ht = torch.randn(T, H_T, device=dev, dtype=torch.bfloat16)
+    ws = (torch.randn(V, H_S, device=dev) * H_S**-0.5).to(torch.bfloat16).requires_grad_()
+    wt = (torch.randn(V, H_T, device=dev) * H_T**-0.5).to(torch.bfloat16)
+    hs.requires_grad_()
+    out = dict(device=torch.cuda.get_device_name(0), torch=torch.__version__, triton=triton.__version__,
+               cuda=torch.version.cuda, date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+               command="python " + " ".join(sys.argv), shapes=dict(T=T, h_s=H_S, h_t=H_T, V=V), runs={})
+    print({k: v for k, v in out.items() if k != "runs"}, flush=True)
+    chunk, _ = plan_chunks(T, V, H_S, 2, dev)
+
+    def floor():
+        zs = hs.detach() @ ws.detach().t()
+        zt = ht @ wt.t()
+        zs @ ws.detach()
+        zs.t() @ hs.detach()
+        del zt
+
+    def chunk_gemms():
+        # the loop's GEMMs at its chunk length, without the element-wise kernels between them
+        zs = torch.empty(chunk, V, device=dev, dtype=torch.bfloat16)
+        zt = torch.empty(chunk, V, device=dev, dtype=torch.bfloat16)
+        gh = torch.empty(T, H_S, device=dev, dtype=torch.bfloat16)
+        gw = torch.empty(V, H_S, device=dev, dtype=torch.bfloat16)
+        h_d, w_d = hs.detach(), ws.detach()
+        for c0 in range(0, T, chunk):
+            torch.mm(h_d[c0 : c0 + chunk], w_d.t(), out=zs)
+            torch.mm(ht[c0 : c0 + chunk], wt.t(), out=zt)
+            torch.mm(zs, w_d, out=gh[c0 : c0 + chunk])
+            if c0 == 0:
+                torch.mm(zs.t(), h_d[c0 : c0 + chunk], out=gw)
+            else:
+                gw.addmm_(zs.t(), h_d[c0 : c0 + chunk])
+
+    def fused(kind, backward=True):
+        def run():
+            loss = fused_linear_distill_loss(hs, ws, ht, wt, kind)
+            if backward:
+                loss.backward()
+            hs.grad = ws.grad = None
+        return run
+
+    methods = {"floor": floor, "chunk GEMMs alone": chunk_gemms, "fused forward_kl": fused("forward_kl"),
+               "fused jsd": fused("jsd")}
+    for name, fn in methods.items():
+        for _ in range(2):
+            fn()
+        per_label: dict[str, list[float]] = defaultdict(list)
+        other: dict[str, list[float]] = defaultdict(list)
+        walls = []
+        for _ in range(REPS):
+            gemms, others, wall = profiled(fn)
+            walls.append(wall)
+            labelled = label_loop(gemms)
+            for lab, ms in labelled.items():
+                per_label[lab].append(sum(ms))
+                per_label[lab + " per call"].extend(ms)
+            kinds = defaultdict(float)
+            for kname, ms in others:
+                kinds["triton " + kname[:40] if "kernel" in kname or "triton" in kname else "other"] += ms
+            for k, ms in kinds.items():
+                other[k].append(ms)
+        row = dict(wall_ms=statistics.median(walls), n_gemm_calls=len(gemms))
+        row["gemm_ms"] = {k: round(statistics.median(v), 4) for k, v in per_label.items() if "per call" not in k}
+        row["gemm_per_call_ms"] = {k.replace(" per call", ""): [round(x, 4) for x in v[: len(v) // REPS]]
+                                   for k, v in per_label.items() if "per call" in k}
+        row["other_kernels_ms"] = {k: round(statistics.median(v), 4) for k, v in other.items()}
+        row["gemm_total_ms"] = round(sum(row["gemm_ms"].values()), 4)
+        out["runs"][name] = row
+        print(name, json.dumps(row), flush=True)
+    # timing with and without the host ahead, methods interleaved round by round
+    timings: dict[str, dict[str, list[float]]] = {m: defaultdict(list) for m in methods}
+    for m in ("fused forward_kl", "fused jsd"):
+        methods[m + " (forward only)"] = fused(m.split()[-1], backward=False)
+        timings[m + " (forward only)"] = defaultdict(list)
+    for _ in range(ROUNDS):
+        for name, fn in methods.items():
+            plain, _ = event_ms(fn, 0)
+            short, _ = event_ms(fn, SHORT_SLEEP_CYCLES)
+            ahead, host = event_ms(fn, SLEEP_CYCLES)
+            timings[name]["plain_ms"].append(plain)
+            timings[name]["short_sleep_ms"].append(short)
+            timings[name]["host_ahead_ms"].append(ahead)
+            timings[name]["host_ms"].append(host)
+    out["event_timings"] = {
+        name: {k: round(statistics.median(v), 4) for k, v in t.items()} | {"rounds": ROUNDS}
+        for name, t in timings.items()
+    }
+    print("\nmedian ms over rounds: plain events | after a ~2 ms sleep | after a ~30 ms sleep | host ms of the call")
+    for name, t in out["event_timings"].items():
+        print(f"{name:34s} {t['plain_ms']:8.3f} | {t['short_sleep_ms']:8.3f} | {t['host_ahead_ms']:8.3f} |"
+              f" {t['host_ms']:8.3f}")
+    for m in ("floor", "fused forward_kl", "fused jsd"):
+        for rep in range(2):
+            g = gaps(methods[m])
+            out.setdefault("gaps", {}).setdefault(m, []).append(g)
+            print(f"\ngaps {m} #{rep}: kernels {g['kernels']}, span {g['span_ms']} ms, idle {g['idle_ms']} ms")
+            for x in g["largest"][:8]:
+                print("   ", x)
+    for m in ("fused forward_kl (forward only)",):
+        for rep in range(2):
+            tl_ = host_timeline(methods[m])
+            out.setdefault("host_timeline", []).append(tl_)
+            print(f"\nhost timeline #{rep}, {m}:")
+            for x in tl_:
+                print("   ", x)
+        report = host_profile(methods[m], calls=1, top=45, sort="cumulative", sleep=False)
+        out["host_profile " + m] = report
+        print(f"\nhost profile, {m}, one call, GPU idle at the start:\n" + "\n".join(report.splitlines()[:60]))
+    for what, fn in (("torch.cuda.mem_get_info", lambda: torch.cuda.mem_get_info(dev)),
+                     ("plan_chunks", lambda: plan_chunks(T, V, H_S, 2, dev))):
+        t0 = time.perf_counter()
+        for _ in range(20):
+            fn()
+        print(f"{what}: {(time.perf_counter() - t0) / 20 * 1e3:.3f} ms per call", flush=True)
+    methods = {m: f for m, f in methods.items() if "forward only" not in m}
+    print("\nGEMM ms by label (floor | chunk GEMMs alone | fused forward_kl | fused jsd)")
+    for lab in LABELS:
+        print(f"{lab:16s}", " | ".join(f"{out['runs'][m]['gemm_ms'].get(lab, float('nan')):8.3f}" for m in methods))
+    print(f"{'GEMM total':16s}", " | ".join(f"{out['runs'][m]['gemm_total_ms']:8.3f}" for m in methods))
+    print(f"{'wall':16s}", " | ".join(f"{out['runs'][m]['wall_ms']:8.3f}" for m in methods))
+    slug = out["device"].replace("NVIDIA ", "").replace(" ", "-")
+    path = Path(sys.argv[1] if len(sys.argv) > 1 else Path(__file__).resolve().parent / "results")
+    path = path / f"loop_profile_{slug}_{out['date'][:10]}.json"
+    path.write_text(json.dumps(out, indent=1))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
