@@ -440,9 +440,10 @@ _LOSS_FLAGS = _LOSS_FLAGS + (
         None,
         "Fused loss: tokens per chunk of logits (the loss's [chunk, vocab/TP] buffers in the weights' dtype: "
         "the student's and, with a local teacher, the teacher's). Unset: automatic, the buffers together "
-        "as large as the output layer's weight gradient (1024 tokens for a 151,936 x 2048 layer and a local "
-        "teacher). Larger chunks run faster and hold more memory: benchmarks/NOTES_loss_kernel.md gives "
-        "measured pairs.",
+        "as large as the output layer's weight gradient (for a 151,936 x 2048 layer and a local teacher: "
+        "1536-token student chunks with 512-token teacher sub-chunks on CUDA at TP=1, else 1024 / 1024). Set: "
+        "chunks of N tokens for both. Larger chunks run faster and hold more memory: "
+        "benchmarks/NOTES_loss_kernel.md gives measured pairs.",
     ),
 )
 

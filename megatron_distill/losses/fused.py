@@ -24,9 +24,11 @@ redone by a short second launch instead of hanging.
 
 A teacher sub-chunk shorter than the chunk saves memory (teacher logits die once their rows'
 dz is written, while the student buffer becomes dz, the operand of the weight-gradient GEMM,
-whose cost per chunk includes a read and write of the whole ``[V_local, h_s]`` gradient). On an
-H100 the extra GEMM / element-wise transitions cost more than that saves, so by default
-``C_t = C`` (``plan_chunks``).
+whose cost per chunk includes a read and write of the whole ``[V_local, h_s]`` gradient). So in
+the same memory the student chunk can be longer: fewer weight-gradient accumulations and longer
+student GEMMs. With the single pass ``plan_chunks`` gives the teacher a quarter of the buffers
+(1536 / 512 rows in case 1 of the benchmark instead of 1024 / 1024: ~0.02x of the floor faster
+for forward KL on an H100); with TP the halves stay, as every teacher sub-chunk costs all-reduces.
 """
 
 from __future__ import annotations
@@ -115,16 +117,20 @@ def plan_chunks(
     device: torch.device,
     chunk_tokens: int | None = None,
     teacher_chunk_tokens: int | None = None,
+    teacher_quarter: bool = False,
 ) -> tuple[int, int]:
     """Rows per student chunk ``C`` and per teacher sub-chunk ``C_t`` (``C_t <= C``).
 
     Without overrides the two logits buffers, ``(C + C_t) * V_local * elem_bytes``, get as much
     memory as the student weight gradient ``V_local * hidden * elem_bytes`` (at least 256 MiB,
     at most half of what is free on CUDA), so the loss's transient memory stays within twice
-    the weight gradient, and ``C_t = C``: on an H100 one teacher GEMM and one set of
-    element-wise launches per chunk beat shorter teacher sub-chunks with a longer student
-    chunk at equal memory (benchmarks/NOTES_loss_kernel.md). ``C`` is a multiple of 128 that
-    splits ``n_rows`` into nearly equal chunks.
+    the weight gradient. By default they get half each (``C_t = C``, a multiple of 128 that
+    splits ``n_rows`` into nearly equal chunks). With ``teacher_quarter`` (the single-pass path:
+    one process, no all-reduce per teacher sub-chunk) and more rows than half the buffers hold,
+    ``C_t`` gets a quarter and ``C`` the rest in whole sub-chunks, and the chunks are exactly
+    ``C`` rows with a shorter last one: on an H100 the 1024-row GEMMs of equal halves are slower
+    than 1536-row student and 512-row teacher GEMMs in the same memory, and the weight gradient
+    is accumulated fewer times (benchmarks/NOTES_loss_kernel.md, iteration 14).
     """
     if n_rows <= 0:
         return 1, 1
@@ -133,10 +139,15 @@ def plan_chunks(
         budget = max(v_local * hidden * elem_bytes, _MIN_BUFFER_BYTES)
         if device.type == "cuda":
             budget = min(budget, _free_bytes(device) // 2)
-        rows = max(budget // (2 * row_bytes) // _ROW_ALIGN * _ROW_ALIGN, _ROW_ALIGN)
-        chunk = _balanced(n_rows, rows, _ROW_ALIGN)
-    else:
-        chunk = _balanced(n_rows, chunk_tokens, 1)
+        both = max(budget // row_bytes // _ROW_ALIGN * _ROW_ALIGN, 2 * _ROW_ALIGN)
+        half = both // 2 // _ROW_ALIGN * _ROW_ALIGN
+        if not teacher_quarter or n_rows <= half:
+            chunk = _balanced(n_rows, half, _ROW_ALIGN)
+            return chunk, chunk
+        teacher = max(both // 4 // _ROW_ALIGN * _ROW_ALIGN, _ROW_ALIGN)
+        chunk = max((both - teacher) // teacher, 1) * teacher
+        return min(chunk, n_rows), teacher
+    chunk = _balanced(n_rows, chunk_tokens, 1)
     teacher_rows = chunk if teacher_chunk_tokens is None else teacher_chunk_tokens
     return chunk, min(teacher_rows, chunk)
 
@@ -196,11 +207,12 @@ def _fused_forward(hs, ws, ht, wt, loss_mask, cfg: _Config, need_gh: bool, need_
     v_local = ws.shape[0]
     grads = OutputLayerGrads(hs, ws, idx, n, need_gh, need_gw, cfg.fp32_weight_grad, weight_grad_into,
                              weight_grad_scale)
+    single = _single_pass(cfg)
     chunk, teacher_chunk = plan_chunks(
-        n, v_local, ws.shape[1], ws.element_size(), device, cfg.chunk_tokens, cfg.teacher_chunk_tokens
+        n, v_local, ws.shape[1], ws.element_size(), device, cfg.chunk_tokens, cfg.teacher_chunk_tokens,
+        teacher_quarter=single,
     )
     # per-row loss partials, one per vocab segment of the element-wise kernels' grid
-    single = _single_pass(cfg)
     if single:
         split = ew.single_pass_split(v_local, device, kind=cfg.kind)
     else:

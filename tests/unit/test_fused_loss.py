@@ -218,6 +218,32 @@ def test_plan_chunks_is_balanced_and_bounded_by_the_weight_gradient():
     assert plan_chunks(0, 10, 8, 4, cpu) == (1, 1)
 
 
+def test_plan_chunks_gives_the_teacher_a_quarter_on_the_single_pass_path():
+    # same buffer memory as the halves (2048 / 4096 rows); the student chunk is whole sub-chunks
+    cpu = torch.device("cpu")
+    assert plan_chunks(8192, 151936, 2048, 2, cpu, teacher_quarter=True) == (1536, 512)
+    assert plan_chunks(16384, 128256, 4096, 2, cpu, teacher_quarter=True) == (3072, 1024)
+    # no more rows than half the buffers: one chunk, one teacher GEMM, as without the quarter
+    assert plan_chunks(1000, 151936, 2048, 2, cpu, teacher_quarter=True) == (1000, 1000)
+    assert plan_chunks(1500, 151936, 2048, 2, cpu, teacher_quarter=True) == (1500, 512)
+    # explicit chunk lengths win
+    assert plan_chunks(8192, 151936, 2048, 2, cpu, chunk_tokens=1024, teacher_quarter=True) == (1024, 1024)
+
+
+@pytest.mark.parametrize("kind,beta", [("forward_kl", 0.5), ("jsd", 0.3)])
+def test_quarter_plan_with_short_last_chunk_matches_reference(kind, beta, impl, monkeypatch):
+    # tiny alignment and budget so that 23 tokens take chunks of 6, 6, 6, 5 rows and teacher
+    # sub-chunks of 2 (the last chunk's last sub-chunk 1 row): every boundary of the quarter plan
+    from megatron_distill.losses import fused
+
+    monkeypatch.setattr(fused, "_ROW_ALIGN", 2)
+    monkeypatch.setattr(fused, "_MIN_BUFFER_BYTES", 0)
+    monkeypatch.setattr(fused, "_single_pass", lambda cfg: True)  # also for impl="torch": its twin
+    assert fused.plan_chunks(23, 40, 8, 4, torch.device("cpu"), teacher_quarter=True) == (6, 2)
+    h, w, ht, wt = _inputs(23, 8, 12, 40, torch.float32, seed=7)
+    _check(h, w, ht, wt, kind, beta, 1.0, None, "mean", impl)
+
+
 def test_impl_selection(monkeypatch):
     cpu = torch.device("cpu")
     monkeypatch.setenv("MEGATRON_DISTILL_FUSED_IMPL", "torch")
