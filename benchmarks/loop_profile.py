@@ -16,7 +16,7 @@ Profiles, for case 1 of loss_kernel.py (bf16, T=8192, h_s=2048, h_t=4096, V=1519
 Kernel durations come from the CUDA profiler (the kernels each aten::mm / addmm launched),
 medians over ``REPS`` profiled calls. Prints tables and writes JSON to OUTDIR.
 
-Usage (GPU): python benchmarks/loop_profile.py [OUTDIR]
+Usage (GPU): python benchmarks/loop_profile.py [OUTDIR] [--chunks auto,1536:768,...] [--tag TAG]
 """
 
 from __future__ import annotations
@@ -45,11 +45,25 @@ GEMM_OPS = ("aten::mm", "aten::addmm", "aten::addmm_")
 LABELS = ("student logits", "teacher logits", "grad_h", "grad_W")
 
 
+def gemm_label(name: str, shapes: list) -> str:
+    """Which of the four products an aten::mm / addmm call is, from its input shapes."""
+    if name != "aten::mm":
+        return "grad_W"  # addmm / addmm_: the weight gradient's accumulation
+    second = list(shapes[1]) if len(shapes) > 1 else []
+    if second == [H_T, V]:
+        return "teacher logits"
+    if second == [H_S, V]:
+        return "student logits"
+    if second == [V, H_S]:
+        return "grad_h"
+    return "grad_W"
+
+
 def profiled(fn) -> tuple[list[tuple[str, float]], list[tuple[str, float]], float]:
-    """``fn`` once under the profiler: (GEMM op name, its kernels' ms) in launch order, (other
+    """``fn`` once under the profiler: (GEMM label, its kernels' ms) in launch order, (other
     kernel name, ms) and the wall ms."""
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         fn()
@@ -60,8 +74,7 @@ def profiled(fn) -> tuple[list[tuple[str, float]], list[tuple[str, float]], floa
     gemms, gemm_kernels = [], set()
     for e in events:
         if e.name in GEMM_OPS and e.device_type == torch.autograd.DeviceType.CPU and e.kernels:
-            # only the innermost op: addmm may call mm-free kernels itself
-            gemms.append((e.name, sum(k.duration for k in e.kernels) / 1e3))
+            gemms.append((gemm_label(e.name, e.input_shapes), sum(k.duration for k in e.kernels) / 1e3))
             gemm_kernels.update(k.name for k in e.kernels)
     others = [
         (e.name, (e.time_range.end - e.time_range.start) / 1e3)
@@ -95,10 +108,10 @@ def event_ms(fn, sleep_cycles: int) -> tuple[float, float]:
 
 
 def label_loop(gemms: list[tuple[str, float]]) -> dict[str, list[float]]:
-    """GEMM ms by label: each chunk launches student logits, teacher logits, grad_h, grad_W."""
+    """GEMM ms per call, grouped by label."""
     out: dict[str, list[float]] = defaultdict(list)
-    for i, (_, ms) in enumerate(gemms):
-        out[LABELS[i % 4]].append(ms)
+    for label, ms in gemms:
+        out[label].append(ms)
     return out
 
 
@@ -165,7 +178,112 @@ def host_profile(fn, calls: int = 3, top: int = 30, sort: str = "tottime", sleep
     return buf.getvalue()
 
 
+def parse_chunks(text: str) -> list[tuple[int | None, int | None, bool]]:
+    """"auto,1536:768,1536:512x" -> [(None, None, False), (1536, 768, False), (1536, 512, True)]:
+    chunk and teacher sub-chunk lengths; "x": chunks of exactly C tokens (a shorter last one)
+    instead of plan_chunks' equal split."""
+    out = []
+    for item in text.split(","):
+        if item == "auto":
+            out.append((None, None, False))
+        else:
+            c, ct = item.rstrip("x").split(":")
+            out.append((int(c), int(ct), item.endswith("x")))
+    return out
+
+
+def peak_extra_gib(fn) -> float:
+    """Peak allocated during one call of ``fn`` minus what was allocated before it, in GiB."""
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**30
+
+
+def chunk_sweep(configs, hs, ws, ht, wt, out: dict, rounds: int = ROUNDS) -> None:
+    """For each (C, C_t): both kinds' GEMM time by product and Triton time (profiled), peak extra
+    memory, and the per-round ratio to the floor over ``rounds`` rounds in a new random order each."""
+    import random
+
+    def floor():
+        zs = hs.detach() @ ws.detach().t()
+        zt = ht @ wt.t()
+        zs @ ws.detach()
+        zs.t() @ hs.detach()
+        del zt
+
+    from megatron_distill.losses import fused as fused_module
+
+    balanced = fused_module._balanced
+
+    def fused(kind, c, ct, exact):
+        def run():
+            if exact:  # chunks of exactly c tokens
+                fused_module._balanced = lambda n, max_len, align: min(n, max_len)
+            try:
+                loss = fused_linear_distill_loss(hs, ws, ht, wt, kind, chunk_tokens=c, teacher_chunk_tokens=ct)
+            finally:
+                fused_module._balanced = balanced
+            loss.backward()
+            hs.grad = ws.grad = None
+        return run
+
+    methods = {"floor": floor}
+    for c, ct, exact in configs:
+        for kind in ("forward_kl", "jsd"):
+            methods[f"{kind} C={c or 'auto'}{'x' if exact else ''} C_t={ct or 'auto'}"] = fused(kind, c, ct, exact)
+    rows = {}
+    for name, fn in methods.items():
+        for _ in range(2):
+            fn()
+        mem = peak_extra_gib(fn)
+        per_label: dict[str, list[float]] = defaultdict(list)
+        triton_ms, walls = [], []
+        for _ in range(REPS):
+            gemms, others, wall = profiled(fn)
+            walls.append(wall)
+            for lab, ms in label_loop(gemms).items():
+                per_label[lab].append(sum(ms))
+            triton_ms.append(sum(ms for kname, ms in others if "_kernel" in kname and "at::native" not in kname))
+        rows[name] = dict(peak_extra_gib=round(mem, 4), profiled_wall_ms=round(statistics.median(walls), 3),
+                          gemm_ms={k: round(statistics.median(v), 3) for k, v in per_label.items()},
+                          triton_ms=round(statistics.median(triton_ms), 3))
+        rows[name]["gemm_total_ms"] = round(sum(rows[name]["gemm_ms"].values()), 3)
+        print(name, json.dumps(rows[name]), flush=True)
+    rng = random.Random(0)
+    ratios: dict[str, list[float]] = defaultdict(list)
+    names = list(methods)
+    for _ in range(rounds):
+        rng.shuffle(names)
+        times = {n: event_ms(methods[n], 0)[0] for n in names}
+        for n in names:
+            ratios[n].append(times[n] / times["floor"])
+    for n in methods:
+        q = statistics.quantiles(ratios[n], n=4)
+        rows[n]["x_floor_per_round"] = [round(q[1], 4), round(q[0], 4), round(q[2], 4)]
+    out["chunk_sweep"] = dict(rounds=rounds, rows=rows)
+    floor_gemm = rows["floor"]["gemm_ms"]
+    print("\nx floor per round: median [q1, q3] | peak extra GiB | GEMM ms over the floor's: student, teacher,"
+          " grad_h, grad_W | Triton ms")
+    for n, r in rows.items():
+        over = [r["gemm_ms"].get(lab, 0.0) - floor_gemm.get(lab, 0.0) for lab in LABELS]
+        print(f"{n:34s} {r['x_floor_per_round'][0]:.3f} [{r['x_floor_per_round'][1]:.3f}, "
+              f"{r['x_floor_per_round'][2]:.3f}] | {r['peak_extra_gib']:.3f} | "
+              + " ".join(f"{x:+.2f}" for x in over) + f" | {r['triton_ms']:.2f}")
+
+
 def main() -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("outdir", nargs="?", default=str(Path(__file__).resolve().parent / "results"))
+    ap.add_argument("--chunks", default=None, metavar="C:C_t,...",
+                    help="only compare these chunkings (and 'auto'): GEMM time by product, memory, ratio to the floor")
+    ap.add_argument("--rounds", type=int, default=ROUNDS, help="interleaved rounds of --chunks")
+    ap.add_argument("--tag", default="")
+    args = ap.parse_args()
     dev = torch.device("cuda")
     torch.manual_seed(0)
     hs = torch.randn(T, H_S, device=dev, dtype=torch.bfloat16)
@@ -177,6 +295,10 @@ def main() -> None:
                cuda=torch.version.cuda, date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                command="python " + " ".join(sys.argv), shapes=dict(T=T, h_s=H_S, h_t=H_T, V=V), runs={})
     print({k: v for k, v in out.items() if k != "runs"}, flush=True)
+    if args.chunks:
+        chunk_sweep(parse_chunks(args.chunks), hs, ws, ht, wt, out, args.rounds)
+        write(out, args)
+        return
     chunk, _ = plan_chunks(T, V, H_S, 2, dev)
 
     def floor():
@@ -289,9 +411,13 @@ def main() -> None:
         print(f"{lab:16s}", " | ".join(f"{out['runs'][m]['gemm_ms'].get(lab, float('nan')):8.3f}" for m in methods))
     print(f"{'GEMM total':16s}", " | ".join(f"{out['runs'][m]['gemm_total_ms']:8.3f}" for m in methods))
     print(f"{'wall':16s}", " | ".join(f"{out['runs'][m]['wall_ms']:8.3f}" for m in methods))
+    write(out, args)
+
+
+def write(out: dict, args) -> None:
     slug = out["device"].replace("NVIDIA ", "").replace(" ", "-")
-    path = Path(sys.argv[1] if len(sys.argv) > 1 else Path(__file__).resolve().parent / "results")
-    path = path / f"loop_profile_{slug}_{out['date'][:10]}.json"
+    tag = f"_{args.tag}" if args.tag else ""
+    path = Path(args.outdir) / f"loop_profile_{slug}_{out['date'][:10]}{tag}.json"
     path.write_text(json.dumps(out, indent=1))
     print(f"wrote {path}")
 
