@@ -15,7 +15,6 @@ Usage (GPU): python benchmarks/gemm_epilogue_probe.py [OUTDIR]
 from __future__ import annotations
 
 import datetime
-import json
 import statistics
 import sys
 from pathlib import Path
@@ -28,6 +27,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from loss_kernel import timed  # noqa: E402  (benchmarks/, the script's directory)
+from run_record import write_device_record  # noqa: E402
 
 LOG2E = 1.4426950408889634
 
@@ -150,11 +150,7 @@ def main() -> None:
                 print(row, flush=True)
         x = w = z = None
         torch.cuda.empty_cache()
-    slug = out["device"].replace("NVIDIA ", "").replace(" ", "-")
-    path = Path(sys.argv[1] if len(sys.argv) > 1 else Path(__file__).resolve().parent / "results")
-    path = path / f"gemm_epilogue_probe_{slug}_{out['date'][:10]}.json"
-    path.write_text(json.dumps(out, indent=1))
-    print(f"wrote {path}")
+    write_device_record(out, "gemm_epilogue_probe", sys.argv[1] if len(sys.argv) > 1 else None)
 
 
 if __name__ == "__main__":

@@ -35,6 +35,8 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from run_record import write_device_record  # noqa: E402  (benchmarks/, the script's directory)
+
 from megatron_distill.losses import fused_linear_distill_loss  # noqa: E402
 from megatron_distill.losses.fused import plan_chunks  # noqa: E402
 
@@ -202,10 +204,9 @@ def peak_extra_gib(fn) -> float:
     return (torch.cuda.max_memory_allocated() - base) / 2**30
 
 
-def chunk_sweep(configs, hs, ws, ht, wt, out: dict, rounds: int = ROUNDS) -> None:
-    """For each (C, C_t): both kinds' GEMM time by product and Triton time (profiled), peak extra
-    memory, and the per-round ratio to the floor over ``rounds`` rounds in a new random order each."""
-    import random
+def make_floor(hs, ws, ht, wt):
+    """The floor: the four products over all tokens (student and teacher logits, the student's
+    hidden-state and weight gradients with the logits standing in for dz), as loss_kernel.py."""
 
     def floor():
         zs = hs.detach() @ ws.detach().t()
@@ -213,6 +214,16 @@ def chunk_sweep(configs, hs, ws, ht, wt, out: dict, rounds: int = ROUNDS) -> Non
         zs @ ws.detach()
         zs.t() @ hs.detach()
         del zt
+
+    return floor
+
+
+def chunk_sweep(configs, hs, ws, ht, wt, out: dict, rounds: int = ROUNDS) -> None:
+    """For each (C, C_t): both kinds' GEMM time by product and Triton time (profiled), peak extra
+    memory, and the per-round ratio to the floor over ``rounds`` rounds in a new random order each."""
+    import random
+
+    floor = make_floor(hs, ws, ht, wt)
 
     from megatron_distill.losses import fused as fused_module
 
@@ -278,7 +289,7 @@ def main() -> None:
     import argparse
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("outdir", nargs="?", default=str(Path(__file__).resolve().parent / "results"))
+    ap.add_argument("outdir", nargs="?", default=None, help="default: benchmarks/results")
     ap.add_argument("--chunks", default=None, metavar="C:C_t,...",
                     help="only compare these chunkings (and 'auto'): GEMM time by product, memory, ratio to the floor")
     ap.add_argument("--rounds", type=int, default=ROUNDS, help="interleaved rounds of --chunks")
@@ -297,16 +308,11 @@ def main() -> None:
     print({k: v for k, v in out.items() if k != "runs"}, flush=True)
     if args.chunks:
         chunk_sweep(parse_chunks(args.chunks), hs, ws, ht, wt, out, args.rounds)
-        write(out, args)
+        write_device_record(out, "loop_profile", args.outdir, args.tag)
         return
     chunk, _ = plan_chunks(T, V, H_S, 2, dev)
 
-    def floor():
-        zs = hs.detach() @ ws.detach().t()
-        zt = ht @ wt.t()
-        zs @ ws.detach()
-        zs.t() @ hs.detach()
-        del zt
+    floor = make_floor(hs, ws, ht, wt)
 
     def chunk_gemms():
         # the loop's GEMMs at its chunk length, without the element-wise kernels between them
@@ -411,15 +417,7 @@ def main() -> None:
         print(f"{lab:16s}", " | ".join(f"{out['runs'][m]['gemm_ms'].get(lab, float('nan')):8.3f}" for m in methods))
     print(f"{'GEMM total':16s}", " | ".join(f"{out['runs'][m]['gemm_total_ms']:8.3f}" for m in methods))
     print(f"{'wall':16s}", " | ".join(f"{out['runs'][m]['wall_ms']:8.3f}" for m in methods))
-    write(out, args)
-
-
-def write(out: dict, args) -> None:
-    slug = out["device"].replace("NVIDIA ", "").replace(" ", "-")
-    tag = f"_{args.tag}" if args.tag else ""
-    path = Path(args.outdir) / f"loop_profile_{slug}_{out['date'][:10]}{tag}.json"
-    path.write_text(json.dumps(out, indent=1))
-    print(f"wrote {path}")
+    write_device_record(out, "loop_profile", args.outdir, args.tag)
 
 
 if __name__ == "__main__":

@@ -42,3 +42,15 @@ def write_record(path: str | None, record: dict[str, Any]) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         json.dump(record, f, indent=1)
+
+
+def write_device_record(record: dict[str, Any], name: str, outdir: str | None = None, tag: str = "") -> str:
+    """Write a probe's ``record`` (with ``device`` and ISO ``date`` keys) to
+    ``OUTDIR/<name>_<device>_<YYYY-MM-DD>[_<tag>].json`` (OUTDIR: benchmarks/results by default)
+    and return the path; the device's name without "NVIDIA " and with dashes for spaces."""
+    slug = record["device"].replace("NVIDIA ", "").replace(" ", "-")
+    outdir = outdir or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+    path = os.path.join(outdir, f"{name}_{slug}_{record['date'][:10]}{'_' + tag if tag else ''}.json")
+    write_record(path, record)
+    print(f"wrote {path}")
+    return path

@@ -20,7 +20,6 @@ CPU check: TRITON_INTERPRET=1 python benchmarks/weight_grad_probe.py --check
 from __future__ import annotations
 
 import datetime
-import json
 import statistics
 import sys
 from pathlib import Path
@@ -141,6 +140,7 @@ def main() -> None:
                 print(check_case(40, 96, 64, g_dtype, cfg, mode, "cpu", in_dtype=torch.float16))
         return
     from loss_kernel import timed  # noqa: E402  (benchmarks/, the script's directory)
+    from run_record import write_device_record  # noqa: E402
 
     dev = torch.device("cuda")
     out = dict(device=torch.cuda.get_device_name(0), torch=torch.__version__, triton=triton.__version__,
@@ -200,11 +200,7 @@ def main() -> None:
             best = min(tt, key=lambda r: r["ms"]) if tt else None
             print(name, key, tr[0]["ms"] if tr else None, best and (best["ms"], best["BLOCK_M"], best["BLOCK_N"],
                                                                     best["stages"], best["ws"], best.get("rel_err")))
-    slug = out["device"].replace("NVIDIA ", "").replace(" ", "-")
-    path = Path(sys.argv[1] if len(sys.argv) > 1 else Path(__file__).resolve().parent / "results")
-    path = path / f"weight_grad_probe_{slug}_{out['date'][:10]}.json"
-    path.write_text(json.dumps(out, indent=1))
-    print(f"wrote {path}")
+    write_device_record(out, "weight_grad_probe", sys.argv[1] if len(sys.argv) > 1 else None)
 
 
 if __name__ == "__main__":
