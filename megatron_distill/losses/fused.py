@@ -27,8 +27,9 @@ dz is written, while the student buffer becomes dz, the operand of the weight-gr
 whose cost per chunk includes a read and write of the whole ``[V_local, h_s]`` gradient). So in
 the same memory the student chunk can be longer: fewer weight-gradient accumulations and longer
 student GEMMs. With the single pass ``plan_chunks`` gives the teacher a quarter of the buffers
-(1536 / 512 rows in case 1 of the benchmark instead of 1024 / 1024: ~0.02x of the floor faster
-for forward KL on an H100); with TP the halves stay, as every teacher sub-chunk costs all-reduces.
+(1536 / 512 rows in case 1 of the benchmark instead of 1024 / 1024: 0.005-0.02x of the floor
+faster on an H100, never slower); with TP the halves stay, as every teacher sub-chunk costs
+all-reduces.
 """
 
 from __future__ import annotations
