@@ -89,6 +89,12 @@ SP_SWEEP = [
     ("reread", 1024, 4, 3, 8, 16),
     ("pipelined", 1024, 4, 3, 6, 24),
     ("pipelined", 2048, 4, 3, 4, 16),
+    # segments per row around the defaults (iteration 14: 512-row teacher sub-chunks)
+    ("reread", 2048, 4, 3, 4, 8),
+    ("reread", 2048, 4, 3, 4, 24),
+    ("reread", 2048, 4, 3, 4, 32),
+    ("reread", 1024, 4, 3, 8, 24),
+    ("reread", 1024, 4, 3, 8, 32),
 ]
 LAUNCHES = 10  # kernel-level timings: back-to-back launches per timed call (hides host overhead)
 
