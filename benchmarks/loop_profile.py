@@ -3,9 +3,10 @@
 Profiles, for case 1 of loss_kernel.py (bf16, T=8192, h_s=2048, h_t=4096, V=151936):
 
 * the floor's four GEMMs (one call each over all tokens);
-* one fused call per kind at the default chunking, each of its GEMMs labelled by its place in
-  the chunk loop (student logits, teacher logits, grad_h, grad_W) and its Triton kernels;
-* the same chunk GEMMs issued back to back without the element-wise kernels between them;
+* one fused call per kind at the default chunking, each of its GEMMs labelled by its input
+  shapes (student logits, teacher logits, grad_h, grad_W) and its Triton kernels;
+* the same chunk GEMMs (the fused loss's chunk plan) issued back to back without the
+  element-wise kernels between them;
 * each of these timed with CUDA events as loss_kernel.py times it, and after a short (~2 ms) and
   a long (~30 ms) sleep kernel queued before the start event, which let the host enqueue ahead of
   the GPU. On a power-limited GPU the sleep also lets the card cool, so these differences mix host
@@ -35,10 +36,11 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from run_record import write_device_record  # noqa: E402  (benchmarks/, the script's directory)
+from loss_kernel import make_methods, peak_extra_gib  # noqa: E402  (benchmarks/, the script's directory)
+from run_record import write_device_record  # noqa: E402
 
 from megatron_distill.losses import fused_linear_distill_loss  # noqa: E402
-from megatron_distill.losses.fused import plan_chunks  # noqa: E402
+from megatron_distill.losses.fused import plan_chunks, uses_single_pass  # noqa: E402
 
 T, H_S, H_T, V = 8192, 2048, 4096, 151936
 REPS = 3
@@ -117,6 +119,29 @@ def label_loop(gemms: list[tuple[str, float]]) -> dict[str, list[float]]:
     return out
 
 
+def profile_gemms(fn) -> tuple[dict, list[list[tuple[str, float]]]]:
+    """Two warm-up calls of ``fn``, then ``REPS`` profiled ones: ``wall_ms`` (median),
+    ``gemm_ms`` (per label, the call's sum, median), ``gemm_total_ms``, ``gemm_per_call_ms`` (the
+    first profiled call's GEMMs per label) and ``n_gemm_calls``; and each call's other kernels."""
+    for _ in range(2):
+        fn()
+    per_label: dict[str, list[float]] = defaultdict(list)
+    first, walls, others_per_call = None, [], []
+    for _ in range(REPS):
+        gemms, others, wall = profiled(fn)
+        walls.append(wall)
+        others_per_call.append(others)
+        labelled = label_loop(gemms)
+        first = first or labelled
+        for lab, ms in labelled.items():
+            per_label[lab].append(sum(ms))
+    row = dict(wall_ms=round(statistics.median(walls), 4), n_gemm_calls=len(gemms),
+               gemm_ms={k: round(statistics.median(v), 4) for k, v in per_label.items()},
+               gemm_per_call_ms={k: [round(x, 4) for x in v] for k, v in first.items()})
+    row["gemm_total_ms"] = round(sum(row["gemm_ms"].values()), 4)
+    return row, others_per_call
+
+
 def gaps(fn, top: int = 12) -> dict:
     """``fn`` once under the CUDA-only profiler (little host overhead): the GPU's idle time
     between consecutive kernels, in total and the largest gaps with their neighbours."""
@@ -160,8 +185,9 @@ def host_timeline(fn, first: int = 16) -> list[dict]:
 
 
 def host_profile(fn, calls: int = 3, top: int = 30, sort: str = "tottime", sleep: bool = True) -> str:
-    """cProfile of ``fn``'s host work, each call made while a sleep kernel holds the GPU (so no
-    call waits for the device): where the host's time to enqueue the work goes."""
+    """cProfile of ``fn``'s host work over ``calls`` calls, sorted by ``sort``: where the host's
+    time to enqueue the work goes. With ``sleep`` a sleep kernel holds the GPU during each call
+    (so no call waits for the device); without, each call starts on an idle GPU."""
     import cProfile
     import io
     import pstats
@@ -194,36 +220,12 @@ def parse_chunks(text: str) -> list[tuple[int | None, int | None, bool]]:
     return out
 
 
-def peak_extra_gib(fn) -> float:
-    """Peak allocated during one call of ``fn`` minus what was allocated before it, in GiB."""
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**30
-
-
-def make_floor(hs, ws, ht, wt):
-    """The floor: the four products over all tokens (student and teacher logits, the student's
-    hidden-state and weight gradients with the logits standing in for dz), as loss_kernel.py."""
-
-    def floor():
-        zs = hs.detach() @ ws.detach().t()
-        zt = ht @ wt.t()
-        zs @ ws.detach()
-        zs.t() @ hs.detach()
-        del zt
-
-    return floor
-
-
 def chunk_sweep(configs, hs, ws, ht, wt, out: dict, rounds: int = ROUNDS) -> None:
     """For each (C, C_t): both kinds' GEMM time by product and Triton time (profiled), peak extra
     memory, and the per-round ratio to the floor over ``rounds`` rounds in a new random order each."""
     import random
 
-    floor = make_floor(hs, ws, ht, wt)
+    floor = make_methods(hs, ws, ht, wt, None)[0]
 
     from megatron_distill.losses import fused as fused_module
 
@@ -247,21 +249,11 @@ def chunk_sweep(configs, hs, ws, ht, wt, out: dict, rounds: int = ROUNDS) -> Non
             methods[f"{kind} C={c or 'auto'}{'x' if exact else ''} C_t={ct or 'auto'}"] = fused(kind, c, ct, exact)
     rows = {}
     for name, fn in methods.items():
-        for _ in range(2):
-            fn()
-        mem = peak_extra_gib(fn)
-        per_label: dict[str, list[float]] = defaultdict(list)
-        triton_ms, walls = [], []
-        for _ in range(REPS):
-            gemms, others, wall = profiled(fn)
-            walls.append(wall)
-            for lab, ms in label_loop(gemms).items():
-                per_label[lab].append(sum(ms))
-            triton_ms.append(sum(ms for kname, ms in others if "_kernel" in kname and "at::native" not in kname))
-        rows[name] = dict(peak_extra_gib=round(mem, 4), profiled_wall_ms=round(statistics.median(walls), 3),
-                          gemm_ms={k: round(statistics.median(v), 3) for k, v in per_label.items()},
-                          triton_ms=round(statistics.median(triton_ms), 3))
-        rows[name]["gemm_total_ms"] = round(sum(rows[name]["gemm_ms"].values()), 3)
+        row, others_per_call = profile_gemms(fn)
+        triton_ms = [sum(ms for kname, ms in others if "_kernel" in kname and "at::native" not in kname)
+                     for others in others_per_call]
+        rows[name] = dict(row, peak_extra_gib=round(peak_extra_gib(fn, lambda: None), 4),
+                          triton_ms=round(statistics.median(triton_ms), 4))
         print(name, json.dumps(rows[name]), flush=True)
     rng = random.Random(0)
     ratios: dict[str, list[float]] = defaultdict(list)
@@ -310,25 +302,29 @@ def main() -> None:
         chunk_sweep(parse_chunks(args.chunks), hs, ws, ht, wt, out, args.rounds)
         write_device_record(out, "loop_profile", args.outdir, args.tag)
         return
-    chunk, _ = plan_chunks(T, V, H_S, 2, dev)
+    chunk, teacher_chunk = plan_chunks(T, V, H_S, 2, dev, teacher_quarter=uses_single_pass("triton", 1))
 
-    floor = make_floor(hs, ws, ht, wt)
+    floor = make_methods(hs, ws, ht, wt, None)[0]
 
     def chunk_gemms():
         # the loop's GEMMs at its chunk length, without the element-wise kernels between them
-        zs = torch.empty(chunk, V, device=dev, dtype=torch.bfloat16)
-        zt = torch.empty(chunk, V, device=dev, dtype=torch.bfloat16)
+        buf_s = torch.empty(chunk, V, device=dev, dtype=torch.bfloat16)
+        buf_t = torch.empty(teacher_chunk, V, device=dev, dtype=torch.bfloat16)
         gh = torch.empty(T, H_S, device=dev, dtype=torch.bfloat16)
         gw = torch.empty(V, H_S, device=dev, dtype=torch.bfloat16)
         h_d, w_d = hs.detach(), ws.detach()
         for c0 in range(0, T, chunk):
-            torch.mm(h_d[c0 : c0 + chunk], w_d.t(), out=zs)
-            torch.mm(ht[c0 : c0 + chunk], wt.t(), out=zt)
-            torch.mm(zs, w_d, out=gh[c0 : c0 + chunk])
+            c1 = min(c0 + chunk, T)
+            zs = buf_s[: c1 - c0]
+            torch.mm(h_d[c0:c1], w_d.t(), out=zs)
+            for t0 in range(c0, c1, teacher_chunk):
+                t1 = min(t0 + teacher_chunk, c1)
+                torch.mm(ht[t0:t1], wt.t(), out=buf_t[: t1 - t0])
+            torch.mm(zs, w_d, out=gh[c0:c1])
             if c0 == 0:
-                torch.mm(zs.t(), h_d[c0 : c0 + chunk], out=gw)
+                torch.mm(zs.t(), h_d[c0:c1], out=gw)
             else:
-                gw.addmm_(zs.t(), h_d[c0 : c0 + chunk])
+                gw.addmm_(zs.t(), h_d[c0:c1])
 
     def fused(kind, backward=True):
         def run():
@@ -341,29 +337,15 @@ def main() -> None:
     methods = {"floor": floor, "chunk GEMMs alone": chunk_gemms, "fused forward_kl": fused("forward_kl"),
                "fused jsd": fused("jsd")}
     for name, fn in methods.items():
-        for _ in range(2):
-            fn()
-        per_label: dict[str, list[float]] = defaultdict(list)
+        row, others_per_call = profile_gemms(fn)
         other: dict[str, list[float]] = defaultdict(list)
-        walls = []
-        for _ in range(REPS):
-            gemms, others, wall = profiled(fn)
-            walls.append(wall)
-            labelled = label_loop(gemms)
-            for lab, ms in labelled.items():
-                per_label[lab].append(sum(ms))
-                per_label[lab + " per call"].extend(ms)
+        for others in others_per_call:
             kinds = defaultdict(float)
             for kname, ms in others:
                 kinds["triton " + kname[:40] if "kernel" in kname or "triton" in kname else "other"] += ms
             for k, ms in kinds.items():
                 other[k].append(ms)
-        row = dict(wall_ms=statistics.median(walls), n_gemm_calls=len(gemms))
-        row["gemm_ms"] = {k: round(statistics.median(v), 4) for k, v in per_label.items() if "per call" not in k}
-        row["gemm_per_call_ms"] = {k.replace(" per call", ""): [round(x, 4) for x in v[: len(v) // REPS]]
-                                   for k, v in per_label.items() if "per call" in k}
         row["other_kernels_ms"] = {k: round(statistics.median(v), 4) for k, v in other.items()}
-        row["gemm_total_ms"] = round(sum(row["gemm_ms"].values()), 4)
         out["runs"][name] = row
         print(name, json.dumps(row), flush=True)
     # timing with and without the host ahead, methods interleaved round by round

@@ -46,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import gpu_profile  # noqa: E402  (benchmarks/, the script's directory)
 
 from megatron_distill.losses import distill_loss, fused_linear_distill_loss  # noqa: E402
-from megatron_distill.losses.fused import plan_chunks  # noqa: E402
+from megatron_distill.losses.fused import plan_chunks, uses_single_pass  # noqa: E402
 from megatron_distill.losses.kernels import distill_elementwise as ew  # noqa: E402
 
 CASES = {
@@ -521,9 +521,10 @@ def run_case(name, case, args, group, tp, rank):
         block = slice(rank * case["T"] // tp, (rank + 1) * case["T"] // tp)
         sp_inputs = (h.detach()[block].clone().requires_grad_(), ht[block].contiguous())
     floor, reference, fused, fused_sp = make_methods(h, w, ht, wt, group, sp_inputs)
-    # as the fused loss plans it: the single pass (TP = 1) gives the teacher a quarter of the buffers
-    single_pass = tp == 1 and bool(ew.KERNEL_CONFIG["single_pass"])
-    chunk, teacher_chunk = plan_chunks(case["T"], v_hi - v_lo, case["h_s"], 2, h.device, teacher_quarter=single_pass)
+    # as the fused loss plans it (the single pass gives the teacher a quarter of the buffers)
+    chunk, teacher_chunk = plan_chunks(
+        case["T"], v_hi - v_lo, case["h_s"], 2, h.device, teacher_quarter=uses_single_pass("triton", tp)
+    )
     v_local = v_hi - v_lo
     res = dict(case=name, **case, tp=tp, v_local=v_local, auto_chunk=[chunk, teacher_chunk])
     res.update(rows=[], checks={})

@@ -188,10 +188,17 @@ def _loss_grad_(zs, zt, loss_out, cfg: _Config, grad_scale: float) -> None:
     )
 
 
+def uses_single_pass(impl: str, tp_size: int) -> bool:
+    """Whether the fused loss runs the single-pass kernel (``ew.single_pass_loss_grad_``:
+    statistics, loss and dz in one launch, no all-reduce between the passes) for element-wise
+    ``impl`` over a TP group of ``tp_size``: Triton, one process holding whole vocabulary rows,
+    and ``ew.KERNEL_CONFIG["single_pass"]`` on. It also decides the chunk plan (``plan_chunks``'s
+    ``teacher_quarter``)."""
+    return impl == "triton" and tp_size == 1 and bool(ew.KERNEL_CONFIG["single_pass"])
+
+
 def _single_pass(cfg: _Config) -> bool:
-    """One process holds whole vocabulary rows: statistics, loss and dz in one launch
-    (``ew.single_pass_loss_grad_``), no all-reduce between the passes."""
-    return cfg.impl == "triton" and group_size(cfg.tp_group) == 1 and bool(ew.KERNEL_CONFIG["single_pass"])
+    return uses_single_pass(cfg.impl, group_size(cfg.tp_group))
 
 
 def _fused_forward(hs, ws, ht, wt, loss_mask, cfg: _Config, need_gh: bool, need_gw: bool,
