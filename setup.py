@@ -10,6 +10,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["megatron_distill", "megatron_distill.*"]),
+    # CUDA source compiled at run time with NVRTC (losses/kernels/cluster_single_pass.py)
+    package_data={"megatron_distill.losses.kernels": ["*.cu"]},
     # torch is a lower bound only: an installed torch (e.g. a CPU build) satisfies it, so pip
     # never replaces it with a CUDA build.
     install_requires=[

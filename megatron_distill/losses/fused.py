@@ -222,7 +222,8 @@ def _fused_forward(hs, ws, ht, wt, loss_mask, cfg: _Config, need_gh: bool, need_
     )
     # per-row loss partials, one per vocab segment of the element-wise kernels' grid
     if single:
-        split = ew.single_pass_split(v_local, device, kind=cfg.kind)
+        logits_dtype = ws.dtype if ws.dtype == wt.dtype else torch.float32  # the kernels' pair of buffers
+        split = ew.single_pass_split(v_local, device, kind=cfg.kind, dtype=logits_dtype)
     else:
         split = ew.default_split(teacher_chunk, v_local, device) if cfg.impl == "triton" else 1
     loss_parts = torch.zeros((split, n), dtype=torch.float32, device=device)

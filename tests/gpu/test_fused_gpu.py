@@ -162,7 +162,7 @@ def test_single_pass_kernel_matches_multi_pass(kind, dtype, variant, segments, b
         zs0 = (torch.randn(rows, v, generator=g, device="cuda") * 3).to(dtype)
         zt = (torch.randn(rows, v, generator=g, device="cuda") * 3).to(dtype)
         a, b = zs0.clone(), zs0.clone()
-        split = ew.single_pass_split(v, a.device, segments, block_v, kind=kind, variant=variant)
+        split = ew.single_pass_split(v, a.device, segments, block_v, kind=kind, variant=variant, dtype=dtype)
         loss_a = torch.full((split, rows), float("nan"), device="cuda")
         for _ in range(2):  # the second launch runs with the measured occupancy
             a.copy_(zs0)
@@ -196,9 +196,11 @@ def test_single_pass_rows_that_time_out_are_redone(kind, max_polls, monkeypatch)
     zs0 = torch.randn(rows, v, generator=g, device="cuda") * 3
     zt = torch.randn(rows, v, generator=g, device="cuda") * 3
     a, b = zs0.clone(), zs0.clone()
-    split = ew.single_pass_split(v, a.device, kind=kind)
+    split = ew.single_pass_split(v, a.device, kind=kind, variant="reread")
     loss_a = torch.full((split, rows), float("nan"), device="cuda")
-    counters = ew.single_pass_loss_grad_(a, zt, loss_a, kind=kind, beta=0.3, temperature=1.3, grad_scale=0.01)
+    counters = ew.single_pass_loss_grad_(
+        a, zt, loss_a, kind=kind, beta=0.3, temperature=1.3, grad_scale=0.01, variant="reread"
+    )
     loss_b = _multi_pass(b, zt, kind)
     timed_out = (counters < 0).sum(dim=1).tolist()
     print(f"{kind} max_polls={max_polls}: rows timed out at meeting 1 / 2: {timed_out}")
@@ -206,6 +208,64 @@ def test_single_pass_rows_that_time_out_are_redone(kind, max_polls, monkeypatch)
         assert timed_out[0] > 0  # the path under test was taken
     torch.testing.assert_close(loss_a.sum(0), loss_b.sum(0), rtol=1e-5, atol=1e-6)
     assert _rel(a, b) <= 1e-5
+
+
+@pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd"])
+def test_cluster_kernel_matches_multi_pass(kind):
+    # The thread-block-cluster kernel (cluster_single_pass.cu) on bf16 rows: odd row counts,
+    # segments that end before the cluster's last block (V = 64 + 8), rows that are slices of a
+    # wider buffer (as the fused loss passes them), the benchmark vocabularies, more rows than
+    # resident clusters. Against the multi-pass Triton kernels on the same logits: both compute
+    # in fp32, differing only in the order of the row sums (1e-5) and, for dz, by at most one
+    # bf16 rounding (8e-3 norm-wise, as the Triton single pass).
+    from megatron_distill.losses.kernels import cluster_single_pass as cluster
+    from megatron_distill.losses.kernels import distill_elementwise as ew
+
+    g = torch.Generator(device="cuda").manual_seed(5)
+    for rows, v, pad in ((1, 72, 0), (7, 5008, 8), (300, 40000, 0), (513, 128256, 0), (1024, 151936, 0)):
+        buf = (torch.randn(rows + 2, v + pad, generator=g, device="cuda") * 3).to(torch.bfloat16)
+        zs0 = buf[1 : rows + 1, :v]  # strided rows when pad > 0
+        zt = (torch.randn(rows, v, generator=g, device="cuda") * 3).to(torch.bfloat16)
+        assert cluster.usable(zs0, zt), (rows, v)
+        a_buf = buf.clone()
+        a, b = a_buf[1 : rows + 1, :v], zs0.contiguous()
+        split = ew.single_pass_split(v, a.device, kind=kind, variant="cluster")
+        assert split == cluster.CLUSTER
+        loss_a = torch.full((split, rows), float("nan"), device="cuda")
+        counters = ew.single_pass_loss_grad_(
+            a, zt, loss_a, kind=kind, beta=0.3, temperature=1.3, grad_scale=0.01, variant="cluster"
+        )
+        assert counters is None  # the cluster kernel ran, not the Triton fallback
+        loss_b = _multi_pass(b, zt, kind)
+        torch.cuda.synchronize()
+        la, lb = loss_a.sum(0), loss_b.sum(0)
+        assert torch.isfinite(la).all() and torch.isfinite(a.float()).all()
+        torch.testing.assert_close(la, lb, rtol=1e-5, atol=1e-6)
+        assert _rel(a, b.float()) <= 8e-3, (rows, v)
+        # the rows around the slice are untouched
+        assert torch.equal(a_buf[0], buf[0]) and torch.equal(a_buf[rows + 1], buf[rows + 1])
+
+
+def test_cluster_variant_falls_back_where_it_cannot_run():
+    # fp32 logits and rows that are no whole number of 16-byte vectors take the Triton kernel
+    from megatron_distill.losses.kernels import cluster_single_pass as cluster
+    from megatron_distill.losses.kernels import distill_elementwise as ew
+
+    g = torch.Generator(device="cuda").manual_seed(6)
+    for dtype, v in ((torch.float32, 4096), (torch.bfloat16, 5003)):
+        zs0 = (torch.randn(33, v, generator=g, device="cuda") * 3).to(dtype)
+        zt = (torch.randn(33, v, generator=g, device="cuda") * 3).to(dtype)
+        assert not cluster.usable(zs0, zt)
+        a, b = zs0.clone(), zs0.clone()
+        split = ew.single_pass_split(v, a.device, kind="jsd", variant="cluster", dtype=dtype)
+        loss_a = torch.zeros((split, 33), device="cuda")
+        counters = ew.single_pass_loss_grad_(
+            a, zt, loss_a, kind="jsd", beta=0.3, temperature=1.3, grad_scale=0.01, variant="cluster"
+        )
+        assert counters is not None  # the Triton single pass ran
+        loss_b = _multi_pass(b, zt, "jsd")
+        torch.testing.assert_close(loss_a.sum(0), loss_b.sum(0), rtol=1e-5, atol=1e-6)
+        assert _rel(a, b.float()) <= (1e-5 if dtype == torch.float32 else 8e-3)
 
 
 def test_free_bytes_counts_the_allocators_idle_blocks():

@@ -136,3 +136,24 @@ def test_single_pass_environment_flag(value, expected, monkeypatch):
     monkeypatch.setenv("MEGATRON_DISTILL_SINGLE_PASS", "yes")
     with pytest.raises(ValueError, match="MEGATRON_DISTILL_SINGLE_PASS"):
         ew._env_flag("MEGATRON_DISTILL_SINGLE_PASS", default=True)
+
+
+def test_cluster_kernel_geometry_and_switch(monkeypatch):
+    # The cluster kernel's segments are whole 16-byte vectors covering the row, and both stages
+    # of the benchmark vocabularies fit an H100 block's 227 KB of shared memory; it never runs
+    # on the CPU (the interpreter takes the Triton kernels), and $MEGATRON_DISTILL_CLUSTER_KERNEL
+    # accepts only 0 / 1.
+    from megatron_distill.losses.kernels import cluster_single_pass as cluster
+
+    for v in (72, 5008, 128256, 151936):
+        seg = cluster.seg_len(v)
+        assert seg % 8 == 0 and seg * cluster.CLUSTER >= v and (seg - 8) * cluster.CLUSTER < v
+    assert cluster.shared_bytes(151936) == 151936 * 2 * 2 / cluster.CLUSTER * 2 <= 227 * 1024
+    zs = torch.zeros(4, 4096, dtype=torch.bfloat16)
+    assert not cluster.usable(zs, zs)
+    assert ew.single_pass_split(4096, torch.device("cpu"), kind="jsd", variant="cluster") == 1
+    monkeypatch.setenv(cluster.ENV, "0")
+    assert not cluster.enabled()
+    monkeypatch.setenv(cluster.ENV, "on")
+    with pytest.raises(ValueError, match=cluster.ENV):
+        cluster.enabled()

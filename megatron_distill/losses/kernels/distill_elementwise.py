@@ -41,8 +41,11 @@ same quantities, used where Triton cannot run and as the kernels' reference in t
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
+
+from megatron_distill.losses.kernels import cluster_single_pass as cluster
 
 try:
     import triton
@@ -98,11 +101,13 @@ SP_DEFAULTS = {
     "kl": dict(variant="reread", block_v=2048, num_warps=4, num_stages=3, programs_per_sm=4, segments=16),
     "jsd": dict(variant="reread", block_v=1024, num_warps=4, num_stages=3, programs_per_sm=8, segments=16),
 }
-# single_pass_loss_grad_'s kernels: "reread" reads each segment twice (the second time mostly
-# from L2), "pipelined" reads the next row while finishing this one. (A third, holding each
+# single_pass_loss_grad_'s kernels: "cluster" (cluster_single_pass.cu, bf16 on sm_90+; elsewhere
+# it falls back to "reread") holds a row in the shared memory of a thread-block cluster,
+# "reread" reads each segment twice (the second time mostly from L2), "pipelined" reads the next
+# row while finishing this one. The block_v / num_warps / ... settings are the Triton kernels'. (A third, holding each
 # program's segment in registers with no re-read, was 1.5-1.8x slower than "reread": per row a
 # program waits ~5 us on its peers with too few bytes in flight; NOTES_loss_kernel.md, iteration 6.)
-SP_VARIANTS = ("reread", "pipelined")
+SP_VARIANTS = ("cluster", "reread", "pipelined")
 _INTERPRET_BLOCK_V = 1024  # the interpreter runs one numpy op per statement: wide is faster
 _GROUP = 8  # running maxima per 8 consecutive elements: one 16-byte bf16 vector per thread
 
@@ -738,13 +743,17 @@ def single_pass_split(
     block_v: int | None = None,
     kind: str = "forward_kl",
     variant: str | None = None,
+    dtype: torch.dtype = torch.bfloat16,
 ) -> int:
     """Programs per row (vocab segments) of ``single_pass_loss_grad_`` on ``device`` for
-    ``kind``: about ``segments`` (default: the kind's setting) on CUDA, none empty; 1 under the
-    interpreter, which runs programs one after the other (peers of a row would wait for ever)."""
+    ``kind`` and logits of ``dtype``: the cluster size for the "cluster" kernel where it runs
+    (bf16, sm_90+), else about ``segments`` (default: the kind's setting) on CUDA, none empty; 1
+    under the interpreter, which runs programs one after the other (peers of a row would wait
+    for ever)."""
     if triton is None or device.type != "cuda" or _interpreting():
         return 1
-    _variant(variant, kind)
+    if _variant(variant, kind) == "cluster" and dtype == torch.bfloat16 and cluster.device_supports(device):
+        return cluster.CLUSTER
     n_slices = triton.cdiv(n_cols, block_v or _sp_block_v(n_cols, device, kind))
     per_segment = triton.cdiv(n_slices, segments or _sp_setting("segments", kind))
     return triton.cdiv(n_slices, per_segment)
@@ -1057,8 +1066,14 @@ def single_pass_loss_grad_(
     launch cannot hang. The interpreter, which runs programs one at a time, takes that path for
     every row that has several programs. The "pipelined" kernel waits without bound.
 
+    The "cluster" kernel (``cluster_single_pass``) needs none of that: its blocks of a row meet
+    behind the hardware cluster barrier and clusters never wait on each other. It runs where
+    ``cluster.usable`` holds and ``loss_out`` has ``cluster.CLUSTER`` partial rows; elsewhere
+    (fp32 logits, rows not of 16-byte vectors, before Hopper, NVRTC missing) "cluster" means
+    "reread".
+
     Returns the rows' meeting counters, int32 ``[2, rows]`` (negative: the row timed out and was
-    redone), or None where no kernel ran (the torch twin, no rows).
+    redone), or None where no Triton kernel ran (the torch twin, the cluster kernel, no rows).
     """
     _check_pair(zs, zt)
     if kind not in _KINDS:
@@ -1078,6 +1093,17 @@ def single_pass_loss_grad_(
     n_parts = loss_out.shape[0]
     device = zs.device
     variant = _variant(variant, kind)
+    if variant == "cluster":
+        if n_parts == cluster.CLUSTER and cluster.usable(zs, zt):
+            try:
+                # num_warps, when given, sets the cluster kernel's block size too (the sweep's knob)
+                threads = 32 * num_warps if num_warps else cluster.THREADS
+                cluster.loss_grad_(zs, zt, loss_out, kind=kind, beta=beta, scale2=LOG2E / temperature,
+                                   grad_scale=grad_scale / temperature, threads=threads)
+                return None
+            except RuntimeError as exc:  # NVRTC or the driver refused: the Triton kernel from now on
+                warnings.warn(f"cluster single-pass kernel unavailable, using the Triton kernel: {exc}", stacklevel=2)
+        variant = "reread"
     interpreted = device.type != "cuda" or _interpreting()
     if n_parts > 1 and interpreted and variant == "pipelined":
         raise ValueError("the interpreter runs one program at a time: the pipelined kernel needs 1 partial row")

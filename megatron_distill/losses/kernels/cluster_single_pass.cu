@@ -1,0 +1,321 @@
+// Single pass of the distillation loss over one chunk of bf16 logits, one thread-block cluster
+// per row (sm_90+). Compiled at run time with NVRTC (cluster_single_pass.py); no CUDA headers.
+//
+// A cluster of CLUSTER blocks owns a row at a time. Block r holds vocab segment r of the row
+// (student and teacher logits) in shared memory, loaded with cp.async while the cluster works
+// on its previous row. The blocks' partial softmax statistics meet through distributed shared
+// memory behind a hardware cluster barrier, so the logits cross DRAM exactly once each way
+// (read z_S, z_T, write dz over z_S) and nothing is re-read from L2 or polled in global memory.
+// Clusters never wait on each other: any number of them may be resident.
+//
+// Compile-time constants (-D): CLUSTER (blocks per row), THREADS (per block), KIND (0 forward
+// KL, 1 reverse KL, 2 JSD). Logarithms are base 2 inside (exp2 / lg2 hardware approximations,
+// as the Triton kernels use); losses are returned in nats.
+
+#ifndef CLUSTER
+#define CLUSTER 8
+#endif
+#ifndef THREADS
+#define THREADS 512
+#endif
+#ifndef KIND
+#define KIND 0
+#endif
+
+#define WARPS (THREADS / 32)
+#define LN2 0.6931471805599453f
+#define NEG_INF __int_as_float(0xff800000)
+
+typedef unsigned short bf16;
+
+__device__ __forceinline__ float ex2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+
+__device__ __forceinline__ float lg2(float x) {
+    float y;
+    asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+
+__device__ __forceinline__ void unpack8(uint4 v, float* out) {
+    const unsigned w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        out[2 * i] = __uint_as_float(w[i] << 16);
+        out[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+    }
+}
+
+__device__ __forceinline__ unsigned pack2(float lo, float hi) {
+    unsigned r;  // round to nearest even, as torch's .to(bfloat16)
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+    unsigned s = (unsigned)__cvta_generic_to_shared(smem);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(s), "l"(gmem) : "memory");
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+}
+
+__device__ __forceinline__ void cluster_sync() {
+    // release this block's shared-memory writes to the cluster, acquire the peers'
+    asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+}
+
+__device__ __forceinline__ unsigned cluster_rank() {
+    unsigned r;
+    asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
+    return r;
+}
+
+// A float of block `rank`'s shared memory at the address this block has for `p`.
+__device__ __forceinline__ float peer_load(const float* p, unsigned rank) {
+    unsigned local = (unsigned)__cvta_generic_to_shared(p), remote;
+    float v;
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(local), "r"(rank));
+    asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(v) : "r"(remote) : "memory");
+    return v;
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+// Block-wide reductions of N values; every thread gets the results. `scratch`: WARPS * N floats.
+template <int N>
+__device__ __forceinline__ void block_sum(float* v, float* scratch) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+    for (int i = 0; i < N; ++i) v[i] = warp_sum(v[i]);
+    __syncthreads();  // scratch is free (its previous readers are done)
+    if (lane == 0)
+#pragma unroll
+        for (int i = 0; i < N; ++i) scratch[i * WARPS + warp] = v[i];
+    __syncthreads();
+#pragma unroll
+    for (int i = 0; i < N; ++i) {
+        float x = lane < WARPS ? scratch[i * WARPS + lane] : 0.0f;
+        v[i] = warp_sum(x);
+    }
+}
+
+template <int N>
+__device__ __forceinline__ void block_max(float* v, float* scratch) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+    for (int i = 0; i < N; ++i) v[i] = warp_max(v[i]);
+    __syncthreads();
+    if (lane == 0)
+#pragma unroll
+        for (int i = 0; i < N; ++i) scratch[i * WARPS + warp] = v[i];
+    __syncthreads();
+#pragma unroll
+    for (int i = 0; i < N; ++i) {
+        float x = lane < WARPS ? scratch[i * WARPS + lane] : NEG_INF;
+        v[i] = warp_max(x);
+    }
+}
+
+// Partial statistics a block publishes to its cluster, per meeting parity.
+struct Partials {
+    float m_s, m_t, l_s, l_t, a;  // maxima (logit units), sums of 2^((z - m) c), cross term
+    float kl_s;                    // JSD: this segment's sum of p_S (log p_S - log M)
+};
+
+extern "C" __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(THREADS, 1)
+    distill_cluster_single_pass(bf16* zs, const bf16* zt, int stride_s, int stride_t, float* loss_out,
+                                int loss_stride, int n_rows, int n_cols, int seg_len, double scale2_d,
+                                double beta_d, double grad_scale_d) {
+    // seg_len: elements per block, a multiple of 8; dynamic shared memory: 2 stages x (student,
+    // teacher) x seg_len bf16.
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    __shared__ Partials parts[2][2];  // [meeting: stats, JSD sums][row parity]
+    __shared__ float scratch[6 * WARPS];
+
+    const float scale2 = (float)scale2_d, beta = (float)beta_d, grad_scale = (float)grad_scale_d;
+    const unsigned rank = cluster_rank();
+    const int cluster = blockIdx.x / CLUSTER, n_clusters = gridDim.x / CLUSTER;
+    const int col0 = min((int)rank * seg_len, n_cols), col1 = min(col0 + seg_len, n_cols);
+    const int n_vec = (col1 - col0) / 8;  // 16-byte vectors of this block's segment
+    // stage k, tensor w (0 student, 1 teacher)
+    auto stage = [&](int k, int w) { return (bf16*)smem_raw + (size_t)(2 * k + w) * seg_len; };
+
+    auto load_row = [&](int row, int k) {
+        const bf16* gs = zs + (long long)row * stride_s + col0;
+        const bf16* gt = zt + (long long)row * stride_t + col0;
+        for (int i = threadIdx.x; i < n_vec; i += THREADS) {
+            cp_async16(stage(k, 0) + 8 * i, gs + 8 * i);
+            cp_async16(stage(k, 1) + 8 * i, gt + 8 * i);
+        }
+        cp_async_commit();
+    };
+
+    int row = cluster, k = 0;
+    if (row < n_rows) load_row(row, 0);
+    for (; row < n_rows; row += n_clusters, k ^= 1) {
+        const int next = row + n_clusters;
+        if (next < n_rows) {
+            load_row(next, k ^ 1);
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
+        __syncthreads();  // this row's segment is in shared memory for every thread
+        const uint4* vs = (const uint4*)stage(k, 0);
+        const uint4* vt = (const uint4*)stage(k, 1);
+
+        // --- this segment's statistics: maxima, then sums of exp2 relative to them -----------
+        float mx[2] = {NEG_INF, NEG_INF};
+        for (int i = threadIdx.x; i < n_vec; i += THREADS) {
+            float s[8], t[8];
+            unpack8(vs[i], s);
+            unpack8(vt[i], t);
+#pragma unroll
+            for (int j = 0; j < 8; ++j) {
+                mx[0] = fmaxf(mx[0], s[j]);
+                mx[1] = fmaxf(mx[1], t[j]);
+            }
+        }
+        block_max<2>(mx, scratch);
+        const float ms_loc = mx[0] == NEG_INF ? 0.0f : mx[0], mt_loc = mx[1] == NEG_INF ? 0.0f : mx[1];
+        float sums[3] = {0.0f, 0.0f, 0.0f};
+        for (int i = threadIdx.x; i < n_vec; i += THREADS) {
+            float s[8], t[8];
+            unpack8(vs[i], s);
+            unpack8(vt[i], t);
+#pragma unroll
+            for (int j = 0; j < 8; ++j) {
+                const float es = ex2((s[j] - ms_loc) * scale2);
+                sums[0] += es;
+                sums[1] += ex2((t[j] - mt_loc) * scale2);
+                if (KIND == 1) sums[2] += es * (s[j] - t[j]) * scale2;
+            }
+        }
+        block_sum<3>(sums, scratch);
+        if (threadIdx.x == 0) {
+            parts[0][k] = Partials{mx[0], mx[1], sums[0], sums[1], sums[2], 0.0f};
+        }
+        cluster_sync();
+
+        // --- the row's statistics from the cluster's partials ------------------------------
+        float m_s = NEG_INF, m_t = NEG_INF;
+        float pm_s[CLUSTER], pm_t[CLUSTER];
+#pragma unroll
+        for (int r = 0; r < CLUSTER; ++r) {
+            pm_s[r] = peer_load(&parts[0][k].m_s, r);
+            pm_t[r] = peer_load(&parts[0][k].m_t, r);
+            m_s = fmaxf(m_s, pm_s[r]);
+            m_t = fmaxf(m_t, pm_t[r]);
+        }
+        float l_s = 0.0f, l_t = 0.0f, a = 0.0f;
+#pragma unroll
+        for (int r = 0; r < CLUSTER; ++r) {
+            // empty segments (-inf maxima) weigh nothing
+            const float ws = pm_s[r] == NEG_INF ? 0.0f : ex2((pm_s[r] - m_s) * scale2);
+            const float wt = pm_t[r] == NEG_INF ? 0.0f : ex2((pm_t[r] - m_t) * scale2);
+            l_s += ws * peer_load(&parts[0][k].l_s, r);
+            l_t += wt * peer_load(&parts[0][k].l_t, r);
+            if (KIND == 1) a += ws * peer_load(&parts[0][k].a, r);
+        }
+        const float lg_s = log2f(l_s), lg_t = log2f(l_t);
+
+        bf16* out = zs + (long long)row * stride_s + col0;
+        float term = 0.0f;
+        if (KIND < 2) {
+            // reverse KL of the whole row (nats): E_pS[s - t] c ln2 - (lse_s - lse_t)
+            const float rkl = KIND == 1 ? (a / l_s - ((m_s - m_t) * scale2 + lg_s - lg_t)) * LN2 : 0.0f;
+            for (int i = threadIdx.x; i < n_vec; i += THREADS) {
+                float s[8], t[8];
+                unpack8(vs[i], s);
+                unpack8(vt[i], t);
+                float dz[8];
+#pragma unroll
+                for (int j = 0; j < 8; ++j) {
+                    // log2 p = (z - m) c - log2 l: z - m is exact for bf16 logits (JSD's gradient is a
+                    // difference of nearly equal log-probabilities)
+                    const float ls = (s[j] - m_s) * scale2 - lg_s, lt = (t[j] - m_t) * scale2 - lg_t;
+                    const float ps = ex2(ls);
+                    if (KIND == 1) {
+                        dz[j] = ps * ((ls - lt) * LN2 - rkl) * grad_scale;
+                        term += ps * (ls - lt);
+                    } else {
+                        const float pt = ex2(lt);
+                        dz[j] = (ps - pt) * grad_scale;
+                        term += pt * (lt - ls);
+                    }
+                }
+                ((uint4*)out)[i] = make_uint4(pack2(dz[0], dz[1]), pack2(dz[2], dz[3]), pack2(dz[4], dz[5]),
+                                              pack2(dz[6], dz[7]));
+            }
+            float v[1] = {term};
+            block_sum<1>(v, scratch);
+            if (threadIdx.x == 0) loss_out[(long long)rank * loss_stride + row] = v[0] * LN2;
+        } else {
+            // JSD: KL(p_S || M) of the whole row is needed before any dz: a second meeting
+            float kl[2] = {0.0f, 0.0f};
+            for (int i = threadIdx.x; i < n_vec; i += THREADS) {
+                float s[8], t[8];
+                unpack8(vs[i], s);
+                unpack8(vt[i], t);
+#pragma unroll
+                for (int j = 0; j < 8; ++j) {
+                    const float ls = (s[j] - m_s) * scale2 - lg_s, lt = (t[j] - m_t) * scale2 - lg_t;
+                    const float ps = ex2(ls), pt = ex2(lt);
+                    const float mix = beta * pt + (1.0f - beta) * ps;
+                    if (mix > 0.0f) {  // both underflowed: contributes nothing (no 0 * -inf)
+                        const float lm = lg2(mix);
+                        kl[0] += ps * (ls - lm);
+                        kl[1] += pt * (lt - lm);
+                    }
+                }
+            }
+            block_sum<2>(kl, scratch);
+            if (threadIdx.x == 0) {
+                parts[1][k].kl_s = kl[0];
+                loss_out[(long long)rank * loss_stride + row] = (beta * kl[1] + (1.0f - beta) * kl[0]) * LN2;
+            }
+            cluster_sync();
+            float kl_row = 0.0f;
+#pragma unroll
+            for (int r = 0; r < CLUSTER; ++r) kl_row += peer_load(&parts[1][k].kl_s, r);
+            kl_row *= LN2;
+            const float g = (1.0f - beta) * grad_scale;
+            for (int i = threadIdx.x; i < n_vec; i += THREADS) {
+                float s[8], t[8];
+                unpack8(vs[i], s);
+                unpack8(vt[i], t);
+                float dz[8];
+#pragma unroll
+                for (int j = 0; j < 8; ++j) {
+                    const float ls = (s[j] - m_s) * scale2 - lg_s, lt = (t[j] - m_t) * scale2 - lg_t;
+                    const float ps = ex2(ls);
+                    const float mix = beta * ex2(lt) + (1.0f - beta) * ps;
+                    dz[j] = mix > 0.0f ? ps * ((ls - lg2(mix)) * LN2 - kl_row) * g : 0.0f;
+                }
+                ((uint4*)out)[i] = make_uint4(pack2(dz[0], dz[1]), pack2(dz[2], dz[3]), pack2(dz[4], dz[5]),
+                                              pack2(dz[6], dz[7]));
+            }
+        }
+        __syncthreads();  // every thread is done with stage k before the next row's load reuses it
+    }
+    // peers may still read this block's partials: stay until the whole cluster is done
+    cluster_sync();
+}

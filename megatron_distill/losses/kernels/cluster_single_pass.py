@@ -1,0 +1,193 @@
+"""Launcher of ``cluster_single_pass.cu``: the single-pass loss / dz step of one chunk of bf16
+logits with one thread-block cluster per row (Hopper and newer, one process).
+
+Compared with the Triton single pass (``distill_elementwise._single_pass_kernel``), whose
+programs of a row meet on a counter in global memory and re-read their segment from L2, a
+cluster keeps the row's segments in shared memory and meets behind the hardware cluster
+barrier: DRAM sees exactly 3 units (read z_S, z_T, write dz) and no program ever polls. Clusters
+never wait on one another, so a launch cannot hang however few of them are resident.
+
+The kernel is compiled at run time with NVRTC through PyTorch (no CUDA toolkit needed) and
+cached per (device, kind, cluster size, threads). ``usable`` says whether it can run on a pair
+of logits buffers; otherwise callers keep the Triton kernels.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from pathlib import Path
+
+import torch
+
+ENV = "MEGATRON_DISTILL_CLUSTER_KERNEL"
+CLUSTER = 8  # blocks per row: the largest portable cluster size
+THREADS = 512
+_KINDS = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2}
+_SOURCE = Path(__file__).with_name("cluster_single_pass.cu")
+_NAME = "distill_cluster_single_pass"
+_STATIC_SMEM = 4096  # the kernel's static shared memory (480 bytes) with room to spare
+_compiled: dict = {}
+_failed: dict = {}
+
+
+def enabled() -> bool:
+    """False when ``$MEGATRON_DISTILL_CLUSTER_KERNEL`` is 0 (1 or unset: on where it can run)."""
+    value = os.environ.get(ENV, "")
+    if value not in ("", "0", "1"):
+        raise ValueError(f"${ENV} must be 0 or 1, got {value!r}")
+    return value != "0"
+
+
+def seg_len(n_cols: int) -> int:
+    """Vocab elements per block of a row's cluster: a multiple of 8 (16-byte vectors)."""
+    return -(-n_cols // (8 * CLUSTER)) * 8
+
+
+def shared_bytes(n_cols: int) -> int:
+    """Dynamic shared memory of one block: 2 stages x (student, teacher) segments, bf16."""
+    return 4 * seg_len(n_cols) * 2
+
+
+def device_supports(device: torch.device) -> bool:
+    """True on a CUDA device of compute capability 9.0 or newer with room for the row stages
+    of the smallest supported segment (checked per shape in ``usable``)."""
+    if device.type != "cuda" or not enabled():
+        return False
+    return torch.cuda.get_device_capability(device)[0] >= 9 and device.index not in _failed
+
+
+def usable(zs: torch.Tensor, zt: torch.Tensor) -> bool:
+    """Whether the cluster kernel can run on these logits: bf16 on a Hopper-class GPU, rows of
+    16-byte vectors (``V_local`` and row strides multiples of 8, aligned buffers), and both
+    row stages fit in shared memory."""
+    if not device_supports(zs.device) or zs.dtype != torch.bfloat16 or zt.dtype != torch.bfloat16:
+        return False
+    n_cols = zs.shape[1]
+    if n_cols < 8 * CLUSTER or n_cols % 8 or zs.stride(0) % 8 or zt.stride(0) % 8:
+        return False
+    if zs.data_ptr() % 16 or zt.data_ptr() % 16:
+        return False
+    props = torch.cuda.get_device_properties(zs.device)
+    optin = getattr(props, "shared_memory_per_block_optin", 0)
+    return shared_bytes(n_cols) + _STATIC_SMEM <= optin
+
+
+def _compile(device: torch.device, kind: str, threads: int):
+    key = (device.index, kind, threads)
+    if key in _compiled:
+        return _compiled[key]
+    from torch.cuda._utils import _cuda_load_module, _get_gpu_rtc_library
+
+    nvrtc = _get_gpu_rtc_library()
+    major, minor = torch.cuda.get_device_capability(device)
+    options = [
+        f"--gpu-architecture=sm_{major}{minor}",
+        "--std=c++17",
+        f"-DKIND={_KINDS[kind]}",
+        f"-DCLUSTER={CLUSTER}",
+        f"-DTHREADS={threads}",
+    ]
+    prog = ctypes.c_void_p()
+    source = _SOURCE.read_bytes()
+    _check_nvrtc(nvrtc, nvrtc.nvrtcCreateProgram(ctypes.byref(prog), source, _NAME.encode() + b".cu", 0, None, None))
+    try:
+        opts = (ctypes.c_char_p * len(options))(*[o.encode() for o in options])
+        if nvrtc.nvrtcCompileProgram(prog, len(options), opts) != 0:
+            size = ctypes.c_size_t()
+            nvrtc.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+            log = ctypes.create_string_buffer(size.value)
+            nvrtc.nvrtcGetProgramLog(prog, log)
+            raise RuntimeError(f"NVRTC failed on {_SOURCE.name}:\n{log.value.decode(errors='replace')}")
+        size = ctypes.c_size_t()
+        _check_nvrtc(nvrtc, nvrtc.nvrtcGetCUBINSize(prog, ctypes.byref(size)))
+        cubin = ctypes.create_string_buffer(size.value)
+        _check_nvrtc(nvrtc, nvrtc.nvrtcGetCUBIN(prog, cubin))
+    finally:
+        nvrtc.nvrtcDestroyProgram(ctypes.byref(prog))
+    with torch.cuda.device(device):
+        kernel = _cuda_load_module(cubin.raw, [_NAME])[_NAME]
+    _compiled[key] = kernel
+    return kernel
+
+
+def _check_nvrtc(nvrtc, result: int) -> None:
+    if result != 0:
+        msg = ctypes.c_char_p(nvrtc.nvrtcGetErrorString(result))
+        raise RuntimeError(f"NVRTC error {result}: {msg.value}")
+
+
+class _LaunchConfig(ctypes.Structure):
+    _fields_ = [
+        ("gridDimX", ctypes.c_uint), ("gridDimY", ctypes.c_uint), ("gridDimZ", ctypes.c_uint),
+        ("blockDimX", ctypes.c_uint), ("blockDimY", ctypes.c_uint), ("blockDimZ", ctypes.c_uint),
+        ("sharedMemBytes", ctypes.c_uint), ("hStream", ctypes.c_void_p), ("attrs", ctypes.c_void_p),
+        ("numAttrs", ctypes.c_uint),
+    ]
+
+
+_active: dict = {}
+
+
+def active_clusters(kernel, device: torch.device, smem: int, threads: int = THREADS) -> int:
+    """Clusters of this kernel the device holds at once (cuOccupancyMaxActiveClusters), or the
+    multiprocessor count / CLUSTER where the driver does not say."""
+    key = (device.index, id(kernel), smem, threads)
+    if key not in _active:
+        fallback = max(torch.cuda.get_device_properties(device).multi_processor_count // CLUSTER, 1)
+        try:
+            from torch.cuda._utils import _get_gpu_runtime_library
+
+            libcuda = _get_gpu_runtime_library()
+            cfg = _LaunchConfig(fallback * CLUSTER, 1, 1, threads, 1, 1, smem, None, None, 0)
+            n = ctypes.c_int()
+            rc = libcuda.cuOccupancyMaxActiveClusters(ctypes.byref(n), kernel.func, ctypes.byref(cfg))
+            _active[key] = n.value if rc == 0 and n.value > 0 else fallback
+        except Exception:  # pragma: no cover - older drivers / PyTorch without the helpers
+            _active[key] = fallback
+    return _active[key]
+
+
+def loss_grad_(
+    zs: torch.Tensor,
+    zt: torch.Tensor,
+    loss_out: torch.Tensor,
+    *,
+    kind: str,
+    beta: float,
+    scale2: float,
+    grad_scale: float,
+    n_clusters: int | None = None,
+    threads: int = THREADS,
+) -> None:
+    """Per-row loss partials and dz over ``zs`` for bf16 logits ``zs``, ``zt`` ``[rows, V]``
+    (``usable`` must hold). ``loss_out``: fp32 ``[CLUSTER, rows]`` (rows contiguous), block r of
+    a row's cluster writes its vocab segment's divergence (nats) into ``loss_out[r]``. On return
+    ``zs`` holds ``grad_scale * d loss / d (z_S c ln 2)``, the same as the Triton single pass
+    (``grad_scale`` here already includes 1 / tau). ``scale2`` = log2(e) / tau. ``n_clusters``
+    (default: as many as are resident at once) take rows in turn; ``threads`` per block."""
+    rows, n_cols = zs.shape
+    if loss_out.shape != (CLUSTER, rows) or loss_out.dtype != torch.float32 or loss_out.stride(1) != 1:
+        raise ValueError(f"loss_out must be fp32 [{CLUSTER}, {rows}] with contiguous rows, got {tuple(loss_out.shape)}")
+    if rows == 0:
+        return
+    device = zs.device
+    smem = shared_bytes(n_cols)
+    try:
+        kernel = _compile(device, kind, threads)
+        kernel.set_shared_memory_config(smem)
+    except Exception:
+        _failed[device.index] = True
+        raise
+    n_clusters = min(n_clusters or active_clusters(kernel, device, smem, threads), rows)
+    with torch.cuda.device(device):
+        kernel(
+            grid=(n_clusters * CLUSTER, 1, 1),
+            block=(threads, 1, 1),
+            args=[zs, zt, zs.stride(0), zt.stride(0), loss_out, loss_out.stride(0), rows, n_cols, seg_len(n_cols),
+                  float(scale2), float(beta), float(grad_scale)],
+            shared_mem=smem,
+        )
+
+
+__all__ = ["CLUSTER", "ENV", "active_clusters", "device_supports", "enabled", "loss_grad_", "seg_len", "usable"]
