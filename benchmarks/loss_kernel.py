@@ -62,16 +62,19 @@ GIB = 1 << 30
 # (defaults: ew.SP_DEFAULTS, per kind). (Chunk lengths tuned to cuBLAS's tiles, iteration 8, and
 # the overlapped loop, iteration 9, were swept at commits e1a7a5a and 3c47445.)
 _SINGLE = {"single_pass": True, "sp_variant": "reread"}
+_CLUSTER = {"single_pass": True, "sp_variant": "cluster"}
 _MULTI = {"single_pass": False}
 SWEEP = {
     "T8k_V152k": [
         (None, None, _SINGLE),
+        (None, None, _CLUSTER),
         (None, None, _MULTI),
         (1024, 1024, _SINGLE),  # equal halves of the automatic buffers (the single pass's plan before iteration 14)
         (4096, 4096, {}),
     ],
     "T16k_V128k": [
         (None, None, _SINGLE),
+        (None, None, _CLUSTER),
         (None, None, _MULTI),
         (2048, 2048, _SINGLE),
         (4096, 4096, {}),

@@ -73,24 +73,26 @@ def usable(zs: torch.Tensor, zt: torch.Tensor) -> bool:
     return shared_bytes(n_cols) + _STATIC_SMEM <= optin
 
 
-def _compile(device: torch.device, kind: str, threads: int):
-    key = (device.index, kind, threads)
-    if key in _compiled:
-        return _compiled[key]
-    from torch.cuda._utils import _cuda_load_module, _get_gpu_rtc_library
+def _torch_cuda_lib(*names: str):
+    # PyTorch's ctypes handles of NVRTC / the driver (private helpers, renamed across releases)
+    from torch.cuda import _utils
 
-    nvrtc = _get_gpu_rtc_library()
-    major, minor = torch.cuda.get_device_capability(device)
-    options = [
-        f"--gpu-architecture=sm_{major}{minor}",
-        "--std=c++17",
-        f"-DKIND={_KINDS[kind]}",
-        f"-DCLUSTER={CLUSTER}",
-        f"-DTHREADS={threads}",
-    ]
+    for name in names:
+        getter = getattr(_utils, name, None)
+        if getter is not None:
+            return getter()
+    raise RuntimeError(f"this PyTorch has none of torch.cuda._utils.{names}")
+
+
+def compile_cubin(nvrtc, kind: str, arch: str, threads: int = THREADS) -> bytes:
+    """The kernel for ``kind`` compiled by NVRTC (a ctypes handle of libnvrtc) for ``arch``
+    (e.g. "sm_90"): the cubin's bytes. Raises RuntimeError with NVRTC's log on failure."""
+    nvrtc.nvrtcGetErrorString.restype = ctypes.c_char_p
+    options = [f"--gpu-architecture={arch}", "--std=c++17", f"-DKIND={_KINDS[kind]}", f"-DCLUSTER={CLUSTER}",
+               f"-DTHREADS={threads}"]
     prog = ctypes.c_void_p()
-    source = _SOURCE.read_bytes()
-    _check_nvrtc(nvrtc, nvrtc.nvrtcCreateProgram(ctypes.byref(prog), source, _NAME.encode() + b".cu", 0, None, None))
+    _check_nvrtc(nvrtc, nvrtc.nvrtcCreateProgram(ctypes.byref(prog), _SOURCE.read_bytes(), _SOURCE.name.encode(),
+                                                 0, None, None))
     try:
         opts = (ctypes.c_char_p * len(options))(*[o.encode() for o in options])
         if nvrtc.nvrtcCompileProgram(prog, len(options), opts) != 0:
@@ -98,23 +100,43 @@ def _compile(device: torch.device, kind: str, threads: int):
             nvrtc.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
             log = ctypes.create_string_buffer(size.value)
             nvrtc.nvrtcGetProgramLog(prog, log)
-            raise RuntimeError(f"NVRTC failed on {_SOURCE.name}:\n{log.value.decode(errors='replace')}")
+            raise RuntimeError(f"NVRTC failed on {_SOURCE.name} ({' '.join(options)}):\n"
+                               f"{log.value.decode(errors='replace')}")
         size = ctypes.c_size_t()
         _check_nvrtc(nvrtc, nvrtc.nvrtcGetCUBINSize(prog, ctypes.byref(size)))
         cubin = ctypes.create_string_buffer(size.value)
         _check_nvrtc(nvrtc, nvrtc.nvrtcGetCUBIN(prog, cubin))
     finally:
         nvrtc.nvrtcDestroyProgram(ctypes.byref(prog))
-    with torch.cuda.device(device):
-        kernel = _cuda_load_module(cubin.raw, [_NAME])[_NAME]
-    _compiled[key] = kernel
-    return kernel
+    return cubin.raw
 
 
 def _check_nvrtc(nvrtc, result: int) -> None:
     if result != 0:
-        msg = ctypes.c_char_p(nvrtc.nvrtcGetErrorString(result))
-        raise RuntimeError(f"NVRTC error {result}: {msg.value}")
+        raise RuntimeError(f"NVRTC error {result}: {nvrtc.nvrtcGetErrorString(result)}")
+
+
+def _compile(device: torch.device, kind: str, threads: int):
+    key = (device.index, kind, threads)
+    if key not in _compiled:
+        from torch.cuda._utils import _cuda_load_module
+
+        nvrtc = _torch_cuda_lib("_get_gpu_rtc_library", "_get_nvrtc_library")
+        major, minor = torch.cuda.get_device_capability(device)
+        cubin = compile_cubin(nvrtc, kind, f"sm_{major}{minor}", threads)
+        with torch.cuda.device(device):
+            _compiled[key] = _cuda_load_module(cubin, [_NAME])[_NAME]
+    return _compiled[key]
+
+
+def _allow_shared_memory(kernel, smem: int) -> None:
+    # kernels need an opt-in above 48 KB of dynamic shared memory
+    if hasattr(kernel, "set_shared_memory_config"):
+        kernel.set_shared_memory_config(smem)
+    else:  # pragma: no cover - PyTorch releases before the helper
+        libcuda = _torch_cuda_lib("_get_gpu_runtime_library", "_get_cuda_library")
+        if libcuda.cuFuncSetAttribute(kernel.func, 8, smem) != 0:  # CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+            raise RuntimeError(f"cuFuncSetAttribute refused {smem} bytes of dynamic shared memory")
 
 
 class _LaunchConfig(ctypes.Structure):
@@ -136,9 +158,7 @@ def active_clusters(kernel, device: torch.device, smem: int, threads: int = THRE
     if key not in _active:
         fallback = max(torch.cuda.get_device_properties(device).multi_processor_count // CLUSTER, 1)
         try:
-            from torch.cuda._utils import _get_gpu_runtime_library
-
-            libcuda = _get_gpu_runtime_library()
+            libcuda = _torch_cuda_lib("_get_gpu_runtime_library", "_get_cuda_library")
             cfg = _LaunchConfig(fallback * CLUSTER, 1, 1, threads, 1, 1, smem, None, None, 0)
             n = ctypes.c_int()
             rc = libcuda.cuOccupancyMaxActiveClusters(ctypes.byref(n), kernel.func, ctypes.byref(cfg))
@@ -175,7 +195,7 @@ def loss_grad_(
     smem = shared_bytes(n_cols)
     try:
         kernel = _compile(device, kind, threads)
-        kernel.set_shared_memory_config(smem)
+        _allow_shared_memory(kernel, smem)
     except Exception:
         _failed[device.index] = True
         raise
@@ -190,4 +210,7 @@ def loss_grad_(
         )
 
 
-__all__ = ["CLUSTER", "ENV", "active_clusters", "device_supports", "enabled", "loss_grad_", "seg_len", "usable"]
+__all__ = [
+    "CLUSTER", "ENV", "active_clusters", "compile_cubin", "device_supports", "enabled", "loss_grad_", "seg_len",
+    "usable",
+]
