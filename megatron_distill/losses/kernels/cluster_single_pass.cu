@@ -55,6 +55,22 @@ __device__ __forceinline__ unsigned pack2(float lo, float hi) {
     return r;
 }
 
+// Vector i (8 elements) of both rows' segments in shared memory, as fp32.
+__device__ __forceinline__ void load_pair(const uint4* vs, const uint4* vt, int i, float* s, float* t) {
+    unpack8(vs[i], s);
+    unpack8(vt[i], t);
+}
+
+// dz of vector i, rounded to bf16, to global memory.
+__device__ __forceinline__ void store8(bf16* out, int i, const float* dz) {
+    uint4 v;
+    v.x = pack2(dz[0], dz[1]);
+    v.y = pack2(dz[2], dz[3]);
+    v.z = pack2(dz[4], dz[5]);
+    v.w = pack2(dz[6], dz[7]);
+    ((uint4*)out)[i] = v;
+}
+
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
     unsigned s = (unsigned)__cvta_generic_to_shared(smem);
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(s), "l"(gmem) : "memory");
@@ -186,8 +202,7 @@ extern "C" __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(THR
         float mx[2] = {NEG_INF, NEG_INF};
         for (int i = threadIdx.x; i < n_vec; i += THREADS) {
             float s[8], t[8];
-            unpack8(vs[i], s);
-            unpack8(vt[i], t);
+            load_pair(vs, vt, i, s, t);
 #pragma unroll
             for (int j = 0; j < 8; ++j) {
                 mx[0] = fmaxf(mx[0], s[j]);
@@ -199,8 +214,7 @@ extern "C" __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(THR
         float sums[3] = {0.0f, 0.0f, 0.0f};
         for (int i = threadIdx.x; i < n_vec; i += THREADS) {
             float s[8], t[8];
-            unpack8(vs[i], s);
-            unpack8(vt[i], t);
+            load_pair(vs, vt, i, s, t);
 #pragma unroll
             for (int j = 0; j < 8; ++j) {
                 const float es = ex2((s[j] - ms_loc) * scale2);
@@ -244,8 +258,7 @@ extern "C" __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(THR
             const float rkl = KIND == 1 ? (a / l_s - ((m_s - m_t) * scale2 + lg_s - lg_t)) * LN2 : 0.0f;
             for (int i = threadIdx.x; i < n_vec; i += THREADS) {
                 float s[8], t[8];
-                unpack8(vs[i], s);
-                unpack8(vt[i], t);
+                load_pair(vs, vt, i, s, t);
                 float dz[8];
 #pragma unroll
                 for (int j = 0; j < 8; ++j) {
@@ -262,8 +275,7 @@ extern "C" __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(THR
                         term += pt * (lt - ls);
                     }
                 }
-                ((uint4*)out)[i] = make_uint4(pack2(dz[0], dz[1]), pack2(dz[2], dz[3]), pack2(dz[4], dz[5]),
-                                              pack2(dz[6], dz[7]));
+                store8(out, i, dz);
             }
             float v[1] = {term};
             block_sum<1>(v, scratch);
@@ -273,8 +285,7 @@ extern "C" __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(THR
             float kl[2] = {0.0f, 0.0f};
             for (int i = threadIdx.x; i < n_vec; i += THREADS) {
                 float s[8], t[8];
-                unpack8(vs[i], s);
-                unpack8(vt[i], t);
+                load_pair(vs, vt, i, s, t);
 #pragma unroll
                 for (int j = 0; j < 8; ++j) {
                     const float ls = (s[j] - m_s) * scale2 - lg_s, lt = (t[j] - m_t) * scale2 - lg_t;
@@ -300,8 +311,7 @@ extern "C" __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(THR
             const float g = (1.0f - beta) * grad_scale;
             for (int i = threadIdx.x; i < n_vec; i += THREADS) {
                 float s[8], t[8];
-                unpack8(vs[i], s);
-                unpack8(vt[i], t);
+                load_pair(vs, vt, i, s, t);
                 float dz[8];
 #pragma unroll
                 for (int j = 0; j < 8; ++j) {
@@ -310,8 +320,7 @@ extern "C" __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(THR
                     const float mix = beta * ex2(lt) + (1.0f - beta) * ps;
                     dz[j] = mix > 0.0f ? ps * ((ls - lg2(mix)) * LN2 - kl_row) * g : 0.0f;
                 }
-                ((uint4*)out)[i] = make_uint4(pack2(dz[0], dz[1]), pack2(dz[2], dz[3]), pack2(dz[4], dz[5]),
-                                              pack2(dz[6], dz[7]));
+                store8(out, i, dz);
             }
         }
         __syncthreads();  // every thread is done with stage k before the next row's load reuses it
