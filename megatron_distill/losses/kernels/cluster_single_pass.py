@@ -15,28 +15,19 @@ of logits buffers; otherwise callers keep the Triton kernels.
 from __future__ import annotations
 
 import ctypes
-import os
 from pathlib import Path
 
 import torch
 
-ENV = "MEGATRON_DISTILL_CLUSTER_KERNEL"
 CLUSTER = 8  # blocks per row: the largest portable cluster size
 THREADS = 512
-_KINDS = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2}
+# the kernels' KIND codes (compile-time here, constexpr in the Triton kernels)
+KIND_CODES = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2}
 _SOURCE = Path(__file__).with_name("cluster_single_pass.cu")
 _NAME = "distill_cluster_single_pass"
 _STATIC_SMEM = 4096  # the kernel's static shared memory (480 bytes) with room to spare
 _compiled: dict = {}
-_failed: dict = {}
-
-
-def enabled() -> bool:
-    """False when ``$MEGATRON_DISTILL_CLUSTER_KERNEL`` is 0 (1 or unset: on where it can run)."""
-    value = os.environ.get(ENV, "")
-    if value not in ("", "0", "1"):
-        raise ValueError(f"${ENV} must be 0 or 1, got {value!r}")
-    return value != "0"
+_failed: set = set()  # device indices where NVRTC or the driver refused the kernel
 
 
 def seg_len(n_cols: int) -> int:
@@ -50,9 +41,9 @@ def shared_bytes(n_cols: int) -> int:
 
 
 def device_supports(device: torch.device) -> bool:
-    """True on a CUDA device of compute capability 9.0 or newer with room for the row stages
-    of the smallest supported segment (checked per shape in ``usable``)."""
-    if device.type != "cuda" or not enabled():
+    """True on a CUDA device of compute capability 9.0 or newer where the kernel has not failed
+    to compile or load (shapes are checked in ``usable``)."""
+    if device.type != "cuda":
         return False
     return torch.cuda.get_device_capability(device)[0] >= 9 and device.index not in _failed
 
@@ -88,7 +79,7 @@ def compile_cubin(nvrtc, kind: str, arch: str, threads: int = THREADS) -> bytes:
     """The kernel for ``kind`` compiled by NVRTC (a ctypes handle of libnvrtc) for ``arch``
     (e.g. "sm_90"): the cubin's bytes. Raises RuntimeError with NVRTC's log on failure."""
     nvrtc.nvrtcGetErrorString.restype = ctypes.c_char_p
-    options = [f"--gpu-architecture={arch}", "--std=c++17", f"-DKIND={_KINDS[kind]}", f"-DCLUSTER={CLUSTER}",
+    options = [f"--gpu-architecture={arch}", "--std=c++17", f"-DKIND={KIND_CODES[kind]}", f"-DCLUSTER={CLUSTER}",
                f"-DTHREADS={threads}"]
     prog = ctypes.c_void_p()
     _check_nvrtc(nvrtc, nvrtc.nvrtcCreateProgram(ctypes.byref(prog), _SOURCE.read_bytes(), _SOURCE.name.encode(),
@@ -197,7 +188,7 @@ def loss_grad_(
         kernel = _compile(device, kind, threads)
         _allow_shared_memory(kernel, smem)
     except Exception:
-        _failed[device.index] = True
+        _failed.add(device.index)
         raise
     n_clusters = min(n_clusters or active_clusters(kernel, device, smem, threads), rows)
     with torch.cuda.device(device):
@@ -211,6 +202,5 @@ def loss_grad_(
 
 
 __all__ = [
-    "CLUSTER", "ENV", "active_clusters", "compile_cubin", "device_supports", "enabled", "loss_grad_", "seg_len",
-    "usable",
+    "CLUSTER", "KIND_CODES", "active_clusters", "compile_cubin", "device_supports", "loss_grad_", "seg_len", "usable",
 ]

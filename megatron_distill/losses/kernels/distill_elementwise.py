@@ -83,6 +83,9 @@ KERNEL_CONFIG = dict(
     # multi-pass kernels, NOTES_loss_kernel.md iteration 12); $MEGATRON_DISTILL_SINGLE_PASS=0
     # turns it off.
     single_pass=_env_flag("MEGATRON_DISTILL_SINGLE_PASS", default=True),
+    # cluster_kernel: whether the single pass's "cluster" variant may run cluster_single_pass.cu
+    # (else it means "reread"); $MEGATRON_DISTILL_CLUSTER_KERNEL=0 turns it off.
+    cluster_kernel=_env_flag("MEGATRON_DISTILL_CLUSTER_KERNEL", default=True),
     sp_variant=None,
     sp_block_v=None,
     sp_num_warps=None,
@@ -752,11 +755,16 @@ def single_pass_split(
     for ever)."""
     if triton is None or device.type != "cuda" or _interpreting():
         return 1
-    if _variant(variant, kind) == "cluster" and dtype == torch.bfloat16 and cluster.device_supports(device):
+    if _variant(variant, kind) == "cluster" and dtype == torch.bfloat16 and _cluster_runs(device):
         return cluster.CLUSTER
     n_slices = triton.cdiv(n_cols, block_v or _sp_block_v(n_cols, device, kind))
     per_segment = triton.cdiv(n_slices, segments or _sp_setting("segments", kind))
     return triton.cdiv(n_slices, per_segment)
+
+
+def _cluster_runs(device: torch.device) -> bool:
+    """Whether the "cluster" variant may run the cluster kernel on ``device`` (shapes aside)."""
+    return bool(KERNEL_CONFIG["cluster_kernel"]) and cluster.device_supports(device)
 
 
 def _variant(variant: str | None, kind: str) -> str:
@@ -1030,7 +1038,7 @@ def jsd_grad_(
     )
 
 
-_KINDS = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2}
+_KINDS = cluster.KIND_CODES
 
 
 def single_pass_loss_grad_(
@@ -1094,7 +1102,7 @@ def single_pass_loss_grad_(
     device = zs.device
     variant = _variant(variant, kind)
     if variant == "cluster":
-        if n_parts == cluster.CLUSTER and cluster.usable(zs, zt):
+        if n_parts == cluster.CLUSTER and _cluster_runs(device) and cluster.usable(zs, zt):
             try:
                 # num_warps, when given, sets the cluster kernel's block size too (the sweep's knob)
                 threads = 32 * num_warps if num_warps else cluster.THREADS
