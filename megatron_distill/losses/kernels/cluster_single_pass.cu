@@ -103,24 +103,26 @@ __device__ __forceinline__ float peer_load(const float* p, unsigned rank) {
     return v;
 }
 
-__device__ __forceinline__ float warp_sum(float v) {
+// Sum (MAX false) or maximum (MAX true) of two values, and the identity of that reduction.
+template <bool MAX>
+__device__ __forceinline__ float combine(float a, float b) {
+    return MAX ? fmaxf(a, b) : a + b;
+}
+
+template <bool MAX>
+__device__ __forceinline__ float warp_reduce(float v) {
 #pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    for (int o = 16; o > 0; o >>= 1) v = combine<MAX>(v, __shfl_xor_sync(0xffffffffu, v, o));
     return v;
 }
 
-__device__ __forceinline__ float warp_max(float v) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-    return v;
-}
-
-// Block-wide reductions of N values; every thread gets the results. `scratch`: WARPS * N floats.
-template <int N>
-__device__ __forceinline__ void block_sum(float* v, float* scratch) {
+// Block-wide sums (MAX false) or maxima (MAX true) of N values; every thread gets the results.
+// `scratch`: WARPS * N floats.
+template <int N, bool MAX>
+__device__ __forceinline__ void block_reduce(float* v, float* scratch) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
 #pragma unroll
-    for (int i = 0; i < N; ++i) v[i] = warp_sum(v[i]);
+    for (int i = 0; i < N; ++i) v[i] = warp_reduce<MAX>(v[i]);
     __syncthreads();  // scratch is free (its previous readers are done)
     if (lane == 0)
 #pragma unroll
@@ -128,25 +130,8 @@ __device__ __forceinline__ void block_sum(float* v, float* scratch) {
     __syncthreads();
 #pragma unroll
     for (int i = 0; i < N; ++i) {
-        float x = lane < WARPS ? scratch[i * WARPS + lane] : 0.0f;
-        v[i] = warp_sum(x);
-    }
-}
-
-template <int N>
-__device__ __forceinline__ void block_max(float* v, float* scratch) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-#pragma unroll
-    for (int i = 0; i < N; ++i) v[i] = warp_max(v[i]);
-    __syncthreads();
-    if (lane == 0)
-#pragma unroll
-        for (int i = 0; i < N; ++i) scratch[i * WARPS + warp] = v[i];
-    __syncthreads();
-#pragma unroll
-    for (int i = 0; i < N; ++i) {
-        float x = lane < WARPS ? scratch[i * WARPS + lane] : NEG_INF;
-        v[i] = warp_max(x);
+        float x = lane < WARPS ? scratch[i * WARPS + lane] : (MAX ? NEG_INF : 0.0f);
+        v[i] = warp_reduce<MAX>(x);
     }
 }
 
@@ -209,7 +194,7 @@ extern "C" __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(THR
                 mx[1] = fmaxf(mx[1], t[j]);
             }
         }
-        block_max<2>(mx, scratch);
+        block_reduce<2, true>(mx, scratch);
         const float ms_loc = mx[0] == NEG_INF ? 0.0f : mx[0], mt_loc = mx[1] == NEG_INF ? 0.0f : mx[1];
         float sums[3] = {0.0f, 0.0f, 0.0f};
         for (int i = threadIdx.x; i < n_vec; i += THREADS) {
@@ -223,7 +208,7 @@ extern "C" __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(THR
                 if (KIND == 1) sums[2] += es * (s[j] - t[j]) * scale2;
             }
         }
-        block_sum<3>(sums, scratch);
+        block_reduce<3, false>(sums, scratch);
         if (threadIdx.x == 0) {
             parts[0][k] = Partials{mx[0], mx[1], sums[0], sums[1], sums[2], 0.0f};
         }
@@ -251,44 +236,25 @@ extern "C" __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(THR
         }
         const float lg_s = log2f(l_s), lg_t = log2f(l_t);
 
-        bf16* out = zs + (long long)row * stride_s + col0;
-        float term = 0.0f;
-        if (KIND < 2) {
-            // reverse KL of the whole row (nats): E_pS[s - t] c ln2 - (lse_s - lse_t)
-            const float rkl = KIND == 1 ? (a / l_s - ((m_s - m_t) * scale2 + lg_s - lg_t)) * LN2 : 0.0f;
-            for (int i = threadIdx.x; i < n_vec; i += THREADS) {
-                float s[8], t[8];
-                load_pair(vs, vt, i, s, t);
-                float dz[8];
-#pragma unroll
-                for (int j = 0; j < 8; ++j) {
-                    // log2 p = (z - m) c - log2 l: z - m is exact for bf16 logits (JSD's gradient is a
-                    // difference of nearly equal log-probabilities)
-                    const float ls = (s[j] - m_s) * scale2 - lg_s, lt = (t[j] - m_t) * scale2 - lg_t;
-                    const float ps = ex2(ls);
-                    if (KIND == 1) {
-                        dz[j] = ps * ((ls - lt) * LN2 - rkl) * grad_scale;
-                        term += ps * (ls - lt);
-                    } else {
-                        const float pt = ex2(lt);
-                        dz[j] = (ps - pt) * grad_scale;
-                        term += pt * (lt - ls);
-                    }
-                }
-                store8(out, i, dz);
-            }
-            float v[1] = {term};
-            block_sum<1>(v, scratch);
-            if (threadIdx.x == 0) loss_out[(long long)rank * loss_stride + row] = v[0] * LN2;
-        } else {
-            // JSD: KL(p_S || M) of the whole row is needed before any dz: a second meeting
+        // log2 p = (z - m) c - log2 l: z - m is exact for bf16 logits, which keeps JSD's gradient
+        // (a difference of nearly equal log-probabilities) accurate
+        auto log2p_s = [&](float z) { return (z - m_s) * scale2 - lg_s; };
+        auto log2p_t = [&](float z) { return (z - m_t) * scale2 - lg_t; };
+        const long long loss_at = (long long)rank * loss_stride + row;
+
+        // the row-wide term of dz: reverse KL's divergence, or JSD's KL(p_S || M), which needs a
+        // pass of its own and a second meeting before any dz
+        float row_term = 0.0f;
+        if (KIND == 1) {
+            row_term = (a / l_s - ((m_s - m_t) * scale2 + lg_s - lg_t)) * LN2;  // E_pS[s - t] c ln2 - lse diff
+        } else if (KIND == 2) {
             float kl[2] = {0.0f, 0.0f};
             for (int i = threadIdx.x; i < n_vec; i += THREADS) {
                 float s[8], t[8];
                 load_pair(vs, vt, i, s, t);
 #pragma unroll
                 for (int j = 0; j < 8; ++j) {
-                    const float ls = (s[j] - m_s) * scale2 - lg_s, lt = (t[j] - m_t) * scale2 - lg_t;
+                    const float ls = log2p_s(s[j]), lt = log2p_t(t[j]);
                     const float ps = ex2(ls), pt = ex2(lt);
                     const float mix = beta * pt + (1.0f - beta) * ps;
                     if (mix > 0.0f) {  // both underflowed: contributes nothing (no 0 * -inf)
@@ -298,30 +264,47 @@ extern "C" __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(THR
                     }
                 }
             }
-            block_sum<2>(kl, scratch);
+            block_reduce<2, false>(kl, scratch);
             if (threadIdx.x == 0) {
                 parts[1][k].kl_s = kl[0];
-                loss_out[(long long)rank * loss_stride + row] = (beta * kl[1] + (1.0f - beta) * kl[0]) * LN2;
+                loss_out[loss_at] = (beta * kl[1] + (1.0f - beta) * kl[0]) * LN2;
             }
             cluster_sync();
-            float kl_row = 0.0f;
 #pragma unroll
-            for (int r = 0; r < CLUSTER; ++r) kl_row += peer_load(&parts[1][k].kl_s, r);
-            kl_row *= LN2;
-            const float g = (1.0f - beta) * grad_scale;
-            for (int i = threadIdx.x; i < n_vec; i += THREADS) {
-                float s[8], t[8];
-                load_pair(vs, vt, i, s, t);
-                float dz[8];
+            for (int r = 0; r < CLUSTER; ++r) row_term += peer_load(&parts[1][k].kl_s, r);
+            row_term *= LN2;
+        }
+
+        // dz over the student row (and the KL kinds' loss terms)
+        bf16* out = zs + (long long)row * stride_s + col0;
+        const float g = KIND == 2 ? (1.0f - beta) * grad_scale : grad_scale;
+        float term = 0.0f;
+        for (int i = threadIdx.x; i < n_vec; i += THREADS) {
+            float s[8], t[8];
+            load_pair(vs, vt, i, s, t);
+            float dz[8];
 #pragma unroll
-                for (int j = 0; j < 8; ++j) {
-                    const float ls = (s[j] - m_s) * scale2 - lg_s, lt = (t[j] - m_t) * scale2 - lg_t;
-                    const float ps = ex2(ls);
+            for (int j = 0; j < 8; ++j) {
+                const float ls = log2p_s(s[j]), lt = log2p_t(t[j]);
+                const float ps = ex2(ls);
+                if (KIND == 0) {
+                    const float pt = ex2(lt);
+                    dz[j] = (ps - pt) * g;
+                    term += pt * (lt - ls);
+                } else if (KIND == 1) {
+                    dz[j] = ps * ((ls - lt) * LN2 - row_term) * g;
+                    term += ps * (ls - lt);
+                } else {
                     const float mix = beta * ex2(lt) + (1.0f - beta) * ps;
-                    dz[j] = mix > 0.0f ? ps * ((ls - lg2(mix)) * LN2 - kl_row) * g : 0.0f;
+                    dz[j] = mix > 0.0f ? ps * ((ls - lg2(mix)) * LN2 - row_term) * g : 0.0f;
                 }
-                store8(out, i, dz);
             }
+            store8(out, i, dz);
+        }
+        if (KIND < 2) {
+            float v[1] = {term};
+            block_reduce<1, false>(v, scratch);
+            if (threadIdx.x == 0) loss_out[loss_at] = v[0] * LN2;
         }
         __syncthreads();  // every thread is done with stage k before the next row's load reuses it
     }
