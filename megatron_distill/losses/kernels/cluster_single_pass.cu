@@ -9,7 +9,11 @@
 // Clusters never wait on each other: any number of them may be resident.
 //
 // Compile-time constants (-D): CLUSTER (blocks per row), THREADS (per block), KIND (0 forward
-// KL, 1 reverse KL, 2 JSD). Logarithms are base 2 inside (exp2 / lg2 hardware approximations,
+// KL, 1 reverse KL, 2 JSD), STAGES (row buffers in shared memory: 2 loads the next row while
+// this one is computed; 1 leaves that overlap to another block on the multiprocessor),
+// MINBLOCKS (blocks per multiprocessor the registers must allow), ONLINE (1: each thread keeps a
+// running maximum and sum-exp, one pass over shared memory for the segment's statistics instead
+// of two), UNROLL (vectors per loop iteration). Logarithms are base 2 inside (exp2 / lg2 hardware approximations,
 // as the Triton kernels use); losses are returned in nats.
 
 #ifndef CLUSTER
@@ -21,6 +25,19 @@
 #ifndef KIND
 #define KIND 0
 #endif
+#ifndef STAGES
+#define STAGES 2
+#endif
+#ifndef MINBLOCKS
+#define MINBLOCKS 1
+#endif
+#ifndef ONLINE
+#define ONLINE 0
+#endif
+#ifndef UNROLL
+#define UNROLL 1
+#endif
+constexpr int kUnroll = UNROLL;
 
 #define WARPS (THREADS / 32)
 #define LN2 0.6931471805599453f
@@ -141,14 +158,14 @@ struct Partials {
     float kl_s;                    // JSD: this segment's sum of p_S (log p_S - log M)
 };
 
-extern "C" __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(THREADS, 1)
+extern "C" __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(THREADS, MINBLOCKS)
     distill_cluster_single_pass(bf16* zs, const bf16* zt, int stride_s, int stride_t, float* loss_out,
                                 int loss_stride, int n_rows, int n_cols, int seg_len, double scale2_d,
                                 double beta_d, double grad_scale_d) {
-    // seg_len: elements per block, a multiple of 8; dynamic shared memory: 2 stages x (student,
+    // seg_len: elements per block, a multiple of 8; dynamic shared memory: STAGES x (student,
     // teacher) x seg_len bf16.
     extern __shared__ __align__(16) unsigned char smem_raw[];
-    __shared__ Partials parts[2][2];  // [meeting: stats, JSD sums][row parity]
+    __shared__ Partials parts[2][2];  // [meeting: stats, JSD sums][row parity p]
     __shared__ float scratch[6 * WARPS];
 
     const float scale2 = (float)scale2_d, beta = (float)beta_d, grad_scale = (float)grad_scale_d;
@@ -169,9 +186,14 @@ extern "C" __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(THR
         cp_async_commit();
     };
 
-    int row = cluster, k = 0;
+    // k: this row's shared-memory stage; p: the parity of its partials, which alternates every
+    // row so that a block never overwrites partials a slower peer may still be reading
+    int row = cluster, k = 0, p = 0;
+#if STAGES == 2
     if (row < n_rows) load_row(row, 0);
-    for (; row < n_rows; row += n_clusters, k ^= 1) {
+#endif
+    for (; row < n_rows; row += n_clusters, k = (k + 1) % STAGES, p ^= 1) {
+#if STAGES == 2
         const int next = row + n_clusters;
         if (next < n_rows) {
             load_row(next, k ^ 1);
@@ -179,12 +201,54 @@ extern "C" __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(THR
         } else {
             cp_async_wait<0>();
         }
+#else
+        load_row(row, 0);
+        cp_async_wait<0>();
+#endif
         __syncthreads();  // this row's segment is in shared memory for every thread
         const uint4* vs = (const uint4*)stage(k, 0);
         const uint4* vt = (const uint4*)stage(k, 1);
 
         // --- this segment's statistics: maxima, then sums of exp2 relative to them -----------
+#if ONLINE
+        // running maxima and sums relative to them, rescaled when a vector raises the maximum
+        float mx[2] = {NEG_INF, NEG_INF}, run[3] = {0.0f, 0.0f, 0.0f};
+#pragma unroll kUnroll
+        for (int i = threadIdx.x; i < n_vec; i += THREADS) {
+            float s[8], t[8];
+            load_pair(vs, vt, i, s, t);
+            float gs = s[0], gt = t[0];
+#pragma unroll
+            for (int j = 1; j < 8; ++j) {
+                gs = fmaxf(gs, s[j]);
+                gt = fmaxf(gt, t[j]);
+            }
+            const float ns = fmaxf(mx[0], gs), nt = fmaxf(mx[1], gt);
+            const float rs = mx[0] == NEG_INF ? 0.0f : ex2((mx[0] - ns) * scale2);
+            const float rt = mx[1] == NEG_INF ? 0.0f : ex2((mx[1] - nt) * scale2);
+            const float bs = ns == NEG_INF ? 0.0f : ns, bt = nt == NEG_INF ? 0.0f : nt;  // -inf logits weigh 0
+            run[0] *= rs;
+            run[1] *= rt;
+            if (KIND == 1) run[2] *= rs;
+#pragma unroll
+            for (int j = 0; j < 8; ++j) {
+                const float es = ex2((s[j] - bs) * scale2);
+                run[0] += es;
+                run[1] += ex2((t[j] - bt) * scale2);
+                if (KIND == 1) run[2] += es * (s[j] - t[j]) * scale2;
+            }
+            mx[0] = ns;
+            mx[1] = nt;
+        }
+        const float own_s = mx[0], own_t = mx[1];
+        block_reduce<2, true>(mx, scratch);
+        const float ws = own_s == NEG_INF ? 0.0f : ex2((own_s - mx[0]) * scale2);
+        const float wt = own_t == NEG_INF ? 0.0f : ex2((own_t - mx[1]) * scale2);
+        float sums[3] = {run[0] * ws, run[1] * wt, run[2] * ws};
+        block_reduce<3, false>(sums, scratch);
+#else
         float mx[2] = {NEG_INF, NEG_INF};
+#pragma unroll kUnroll
         for (int i = threadIdx.x; i < n_vec; i += THREADS) {
             float s[8], t[8];
             load_pair(vs, vt, i, s, t);
@@ -197,6 +261,7 @@ extern "C" __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(THR
         block_reduce<2, true>(mx, scratch);
         const float ms_loc = mx[0] == NEG_INF ? 0.0f : mx[0], mt_loc = mx[1] == NEG_INF ? 0.0f : mx[1];
         float sums[3] = {0.0f, 0.0f, 0.0f};
+#pragma unroll kUnroll
         for (int i = threadIdx.x; i < n_vec; i += THREADS) {
             float s[8], t[8];
             load_pair(vs, vt, i, s, t);
@@ -209,8 +274,9 @@ extern "C" __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(THR
             }
         }
         block_reduce<3, false>(sums, scratch);
+#endif
         if (threadIdx.x == 0) {
-            parts[0][k] = Partials{mx[0], mx[1], sums[0], sums[1], sums[2], 0.0f};
+            parts[0][p] = Partials{mx[0], mx[1], sums[0], sums[1], sums[2], 0.0f};
         }
         cluster_sync();
 
@@ -219,8 +285,8 @@ extern "C" __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(THR
         float pm_s[CLUSTER], pm_t[CLUSTER];
 #pragma unroll
         for (int r = 0; r < CLUSTER; ++r) {
-            pm_s[r] = peer_load(&parts[0][k].m_s, r);
-            pm_t[r] = peer_load(&parts[0][k].m_t, r);
+            pm_s[r] = peer_load(&parts[0][p].m_s, r);
+            pm_t[r] = peer_load(&parts[0][p].m_t, r);
             m_s = fmaxf(m_s, pm_s[r]);
             m_t = fmaxf(m_t, pm_t[r]);
         }
@@ -230,9 +296,9 @@ extern "C" __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(THR
             // empty segments (-inf maxima) weigh nothing
             const float ws = pm_s[r] == NEG_INF ? 0.0f : ex2((pm_s[r] - m_s) * scale2);
             const float wt = pm_t[r] == NEG_INF ? 0.0f : ex2((pm_t[r] - m_t) * scale2);
-            l_s += ws * peer_load(&parts[0][k].l_s, r);
-            l_t += wt * peer_load(&parts[0][k].l_t, r);
-            if (KIND == 1) a += ws * peer_load(&parts[0][k].a, r);
+            l_s += ws * peer_load(&parts[0][p].l_s, r);
+            l_t += wt * peer_load(&parts[0][p].l_t, r);
+            if (KIND == 1) a += ws * peer_load(&parts[0][p].a, r);
         }
         const float lg_s = log2f(l_s), lg_t = log2f(l_t);
 
@@ -249,6 +315,7 @@ extern "C" __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(THR
             row_term = (a / l_s - ((m_s - m_t) * scale2 + lg_s - lg_t)) * LN2;  // E_pS[s - t] c ln2 - lse diff
         } else if (KIND == 2) {
             float kl[2] = {0.0f, 0.0f};
+#pragma unroll kUnroll
             for (int i = threadIdx.x; i < n_vec; i += THREADS) {
                 float s[8], t[8];
                 load_pair(vs, vt, i, s, t);
@@ -266,12 +333,12 @@ extern "C" __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(THR
             }
             block_reduce<2, false>(kl, scratch);
             if (threadIdx.x == 0) {
-                parts[1][k].kl_s = kl[0];
+                parts[1][p].kl_s = kl[0];
                 loss_out[loss_at] = (beta * kl[1] + (1.0f - beta) * kl[0]) * LN2;
             }
             cluster_sync();
 #pragma unroll
-            for (int r = 0; r < CLUSTER; ++r) row_term += peer_load(&parts[1][k].kl_s, r);
+            for (int r = 0; r < CLUSTER; ++r) row_term += peer_load(&parts[1][p].kl_s, r);
             row_term *= LN2;
         }
 
@@ -279,6 +346,7 @@ extern "C" __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(THR
         bf16* out = zs + (long long)row * stride_s + col0;
         const float g = KIND == 2 ? (1.0f - beta) * grad_scale : grad_scale;
         float term = 0.0f;
+#pragma unroll kUnroll
         for (int i = threadIdx.x; i < n_vec; i += THREADS) {
             float s[8], t[8];
             load_pair(vs, vt, i, s, t);
@@ -306,7 +374,7 @@ extern "C" __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(THR
             block_reduce<1, false>(v, scratch);
             if (threadIdx.x == 0) loss_out[loss_at] = v[0] * LN2;
         }
-        __syncthreads();  // every thread is done with stage k before the next row's load reuses it
+        __syncthreads();  // every thread is done with stage k before a later row's load reuses it
     }
     // peers may still read this block's partials: stay until the whole cluster is done
     cluster_sync();

@@ -30,14 +30,14 @@ _compiled: dict = {}
 _failed: set = set()  # device indices where NVRTC or the driver refused the kernel
 
 
-def seg_len(n_cols: int) -> int:
+def seg_len(n_cols: int, cluster: int = CLUSTER) -> int:
     """Vocab elements per block of a row's cluster: a multiple of 8 (16-byte vectors)."""
-    return -(-n_cols // (8 * CLUSTER)) * 8
+    return -(-n_cols // (8 * cluster)) * 8
 
 
-def shared_bytes(n_cols: int) -> int:
-    """Dynamic shared memory of one block: 2 stages x (student, teacher) segments, bf16."""
-    return 4 * seg_len(n_cols) * 2
+def shared_bytes(n_cols: int, cluster: int = CLUSTER, stages: int = 2) -> int:
+    """Dynamic shared memory of one block: ``stages`` x (student, teacher) segments, bf16."""
+    return 2 * stages * seg_len(n_cols, cluster) * 2
 
 
 def device_supports(device: torch.device) -> bool:
@@ -75,12 +75,14 @@ def _torch_cuda_lib(*names: str):
     raise RuntimeError(f"this PyTorch has none of torch.cuda._utils.{names}")
 
 
-def compile_cubin(nvrtc, kind: str, arch: str, threads: int = THREADS) -> bytes:
+def compile_cubin(nvrtc, kind: str, arch: str, threads: int = THREADS, cluster: int = CLUSTER,
+                  defines: dict | None = None) -> bytes:
     """The kernel for ``kind`` compiled by NVRTC (a ctypes handle of libnvrtc) for ``arch``
-    (e.g. "sm_90"): the cubin's bytes. Raises RuntimeError with NVRTC's log on failure."""
+    (e.g. "sm_90"): the cubin's bytes. ``defines``: further compile-time constants of the
+    source (STAGES, MINBLOCKS, ONLINE, UNROLL). Raises RuntimeError with NVRTC's log on failure."""
     nvrtc.nvrtcGetErrorString.restype = ctypes.c_char_p
-    options = [f"--gpu-architecture={arch}", "--std=c++17", f"-DKIND={KIND_CODES[kind]}", f"-DCLUSTER={CLUSTER}",
-               f"-DTHREADS={threads}"]
+    options = [f"--gpu-architecture={arch}", "--std=c++17", f"-DKIND={KIND_CODES[kind]}", f"-DCLUSTER={cluster}",
+               f"-DTHREADS={threads}"] + [f"-D{k}={v}" for k, v in sorted((defines or {}).items())]
     prog = ctypes.c_void_p()
     _check_nvrtc(nvrtc, nvrtc.nvrtcCreateProgram(ctypes.byref(prog), _SOURCE.read_bytes(), _SOURCE.name.encode(),
                                                  0, None, None))
@@ -107,16 +109,22 @@ def _check_nvrtc(nvrtc, result: int) -> None:
         raise RuntimeError(f"NVRTC error {result}: {nvrtc.nvrtcGetErrorString(result)}")
 
 
-def _compile(device: torch.device, kind: str, threads: int):
-    key = (device.index, kind, threads)
+def _compile(device: torch.device, kind: str, threads: int, cluster: int, defines: dict | None):
+    key = (device.index, kind, threads, cluster, tuple(sorted((defines or {}).items())))
     if key not in _compiled:
         from torch.cuda._utils import _cuda_load_module
 
         nvrtc = _torch_cuda_lib("_get_gpu_rtc_library", "_get_nvrtc_library")
         major, minor = torch.cuda.get_device_capability(device)
-        cubin = compile_cubin(nvrtc, kind, f"sm_{major}{minor}", threads)
+        cubin = compile_cubin(nvrtc, kind, f"sm_{major}{minor}", threads, cluster, defines)
         with torch.cuda.device(device):
-            _compiled[key] = _cuda_load_module(cubin, [_NAME])[_NAME]
+            kernel = _cuda_load_module(cubin, [_NAME])[_NAME]
+        if cluster > 8:  # above the portable size: Hopper allows 16 on request
+            libcuda = _torch_cuda_lib("_get_gpu_runtime_library", "_get_cuda_library")
+            # 14: CU_FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED
+            if libcuda.cuFuncSetAttribute(kernel.func, 14, 1) != 0:
+                raise RuntimeError(f"the driver refused a non-portable cluster size of {cluster}")
+        _compiled[key] = kernel
     return _compiled[key]
 
 
@@ -142,15 +150,15 @@ class _LaunchConfig(ctypes.Structure):
 _active: dict = {}
 
 
-def active_clusters(kernel, device: torch.device, smem: int, threads: int = THREADS) -> int:
+def active_clusters(kernel, device: torch.device, smem: int, threads: int = THREADS, cluster: int = CLUSTER) -> int:
     """Clusters of this kernel the device holds at once (cuOccupancyMaxActiveClusters), or the
-    multiprocessor count / CLUSTER where the driver does not say."""
+    multiprocessor count / ``cluster`` where the driver does not say."""
     key = (device.index, id(kernel), smem, threads)
     if key not in _active:
-        fallback = max(torch.cuda.get_device_properties(device).multi_processor_count // CLUSTER, 1)
+        fallback = max(torch.cuda.get_device_properties(device).multi_processor_count // cluster, 1)
         try:
             libcuda = _torch_cuda_lib("_get_gpu_runtime_library", "_get_cuda_library")
-            cfg = _LaunchConfig(fallback * CLUSTER, 1, 1, threads, 1, 1, smem, None, None, 0)
+            cfg = _LaunchConfig(fallback * cluster, 1, 1, threads, 1, 1, smem, None, None, 0)
             n = ctypes.c_int()
             rc = libcuda.cuOccupancyMaxActiveClusters(ctypes.byref(n), kernel.func, ctypes.byref(cfg))
             _active[key] = n.value if rc == 0 and n.value > 0 else fallback
@@ -170,32 +178,37 @@ def loss_grad_(
     grad_scale: float,
     n_clusters: int | None = None,
     threads: int = THREADS,
+    cluster: int = CLUSTER,
+    defines: dict | None = None,
 ) -> None:
     """Per-row loss partials and dz over ``zs`` for bf16 logits ``zs``, ``zt`` ``[rows, V]``
     (``usable`` must hold). ``loss_out``: fp32 ``[CLUSTER, rows]`` (rows contiguous), block r of
     a row's cluster writes its vocab segment's divergence (nats) into ``loss_out[r]``. On return
     ``zs`` holds ``grad_scale * d loss / d (z_S c ln 2)``, the same as the Triton single pass
     (``grad_scale`` here already includes 1 / tau). ``scale2`` = log2(e) / tau. ``n_clusters``
-    (default: as many as are resident at once) take rows in turn; ``threads`` per block."""
+    (default: as many as are resident at once) take rows in turn; ``threads`` per block;
+    ``cluster`` blocks per row (``loss_out`` then has that many partial rows) and ``defines``
+    (``compile_cubin``) select other builds of the kernel, for the benchmarks."""
     rows, n_cols = zs.shape
-    if loss_out.shape != (CLUSTER, rows) or loss_out.dtype != torch.float32 or loss_out.stride(1) != 1:
-        raise ValueError(f"loss_out must be fp32 [{CLUSTER}, {rows}] with contiguous rows, got {tuple(loss_out.shape)}")
+    if loss_out.shape != (cluster, rows) or loss_out.dtype != torch.float32 or loss_out.stride(1) != 1:
+        raise ValueError(f"loss_out must be fp32 [{cluster}, {rows}] with contiguous rows, got {tuple(loss_out.shape)}")
     if rows == 0:
         return
     device = zs.device
-    smem = shared_bytes(n_cols)
+    smem = shared_bytes(n_cols, cluster, int((defines or {}).get("STAGES", 2)))
     try:
-        kernel = _compile(device, kind, threads)
+        kernel = _compile(device, kind, threads, cluster, defines)
         _allow_shared_memory(kernel, smem)
     except Exception:
         _failed.add(device.index)
         raise
-    n_clusters = min(n_clusters or active_clusters(kernel, device, smem, threads), rows)
+    n_clusters = min(n_clusters or active_clusters(kernel, device, smem, threads, cluster), rows)
     with torch.cuda.device(device):
         kernel(
-            grid=(n_clusters * CLUSTER, 1, 1),
+            grid=(n_clusters * cluster, 1, 1),
             block=(threads, 1, 1),
-            args=[zs, zt, zs.stride(0), zt.stride(0), loss_out, loss_out.stride(0), rows, n_cols, seg_len(n_cols),
+            args=[zs, zt, zs.stride(0), zt.stride(0), loss_out, loss_out.stride(0), rows, n_cols,
+                  seg_len(n_cols, cluster),
                   float(scale2), float(beta), float(grad_scale)],
             shared_mem=smem,
         )

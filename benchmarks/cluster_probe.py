@@ -1,0 +1,173 @@
+"""Builds of the cluster single-pass kernel (cluster_single_pass.cu) side by side on one GPU.
+
+Each build is named like ``c16t256s2m2o``: cluster size (blocks per row), threads per block,
+row stages in shared memory (s, default 2), blocks per multiprocessor the registers must allow
+(m, default 1), ``o`` for the one-pass online statistics, ``u2`` for two vectors per loop
+iteration. Every build is first checked against the multi-pass Triton kernels on fresh random
+logits (loss partial sums rtol 1e-5, dz within one bf16 rounding), then all builds and the
+Triton single pass ("reread", its defaults) are timed in shuffled interleaved rounds. As in
+``loss_kernel.py --kernel-sweep``, the timed launches run back to back over one buffer, so after
+the first one z_S holds dz (the same work: no branch depends on the values).
+
+    python benchmarks/cluster_probe.py --builds c8t512 c8t256 c16t256m2 --rounds 7 --out $OUT
+    ncu ... python benchmarks/cluster_probe.py --builds c8t256 --profile   # a few launches, no timing
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import re
+import statistics
+import sys
+from datetime import date
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from loss_kernel import LAUNCHES, environment, timed  # noqa: E402
+
+from megatron_distill.losses.kernels import cluster_single_pass as cluster  # noqa: E402
+from megatron_distill.losses.kernels import distill_elementwise as ew  # noqa: E402
+
+_NAME = re.compile(r"c(\d+)t(\d+)(?:s(\d))?(?:m(\d))?(o)?(?:u(\d))?$")
+
+
+def parse_build(name: str) -> dict:
+    """``c16t256s2m2o`` -> dict(cluster=16, threads=256, defines={STAGES: 2, MINBLOCKS: 2, ONLINE: 1})."""
+    m = _NAME.match(name)
+    if m is None:
+        raise SystemExit(f"--builds: {name!r} is not of the form c<cluster>t<threads>[s<stages>][m<blocks>][o][u<n>]")
+    defines = {}
+    if m[3]:
+        defines["STAGES"] = int(m[3])
+    if m[4]:
+        defines["MINBLOCKS"] = int(m[4])
+    if m[5]:
+        defines["ONLINE"] = 1
+    if m[6]:
+        defines["UNROLL"] = int(m[6])
+    return dict(cluster=int(m[1]), threads=int(m[2]), defines=defines)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def check(build: dict, kind: str, rows: int, v: int, seed: int) -> dict:
+    """The build against the multi-pass kernels on fresh logits: loss error and dz error."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    zs0 = (torch.randn(rows, v, generator=g, device="cuda") * 3).to(torch.bfloat16)
+    zt = (torch.randn(rows, v, generator=g, device="cuda") * 3).to(torch.bfloat16)
+    a, b = zs0.clone(), zs0.clone()
+    loss_a = torch.full((build["cluster"], rows), float("nan"), device="cuda")
+    cluster.loss_grad_(a, zt, loss_a, kind=kind, beta=0.3, scale2=ew.LOG2E / 1.3, grad_scale=0.01 / 1.3,
+                       threads=build["threads"], cluster=build["cluster"], defines=build["defines"])
+    split = ew.default_split(rows, v, b.device)
+    loss_b = torch.empty(split, rows, device="cuda")
+    stats = ew.row_stats(b, zt, 1.3, kind == "reverse_kl", split=split)
+    if kind == "jsd":
+        kl = ew.jsd_row_sums(b, zt, stats, loss_b, beta=0.3, temperature=1.3)
+        ew.jsd_grad_(b, zt, stats, kl, beta=0.3, temperature=1.3, grad_scale=0.01, split=split)
+    else:
+        ew.kl_loss_grad_(b, zt, stats, loss_b, reverse=kind == "reverse_kl", temperature=1.3, grad_scale=0.01)
+    la, lb = loss_a.sum(0), loss_b.sum(0)
+    loss_err = ((la - lb).abs() - 1e-5 * lb.abs()).max().item()  # as assert_close(rtol=1e-5, atol=1e-6)
+    ok = bool(torch.isfinite(la).all()) and loss_err <= 1e-6 and _rel(a, b) <= 8e-3
+    return dict(loss_excess=loss_err, dz_rel_err=_rel(a, b), ok=ok)
+
+
+def launcher(kind: str, build: dict | None, zs: torch.Tensor, zt: torch.Tensor):
+    """One launch over ``zs`` / ``zt`` ``[rows, V]``: the build, or the Triton single pass (None)."""
+    rows, v = zs.shape
+    if build is None:
+        loss = torch.empty(ew.single_pass_split(v, zs.device, kind=kind, variant="reread"), rows, device="cuda")
+        return lambda: ew.single_pass_loss_grad_(zs, zt, loss, kind=kind, beta=0.5, temperature=1.0,
+                                                 grad_scale=1e-4, variant="reread")
+    loss = torch.empty(build["cluster"], rows, device="cuda")
+    return lambda: cluster.loss_grad_(zs, zt, loss, kind=kind, beta=0.5, scale2=ew.LOG2E, grad_scale=1e-4,
+                                      threads=build["threads"], cluster=build["cluster"], defines=build["defines"])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--builds", nargs="+", default=["c8t512", "c8t256"])
+    parser.add_argument("--kinds", nargs="+", default=["forward_kl", "jsd"])
+    parser.add_argument("--vocab", nargs="+", type=int, default=[151936])
+    parser.add_argument("--rows", type=int, default=512)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--profile", action="store_true", help="a few launches of each build, no timing (for ncu)")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    builds = {name: parse_build(name) for name in args.builds}
+    report = dict(date=str(date.today()), command="python " + " ".join(sys.argv), env=environment(1),
+                  rows=args.rows, launches_per_timing=LAUNCHES, checks=[], timings=[])
+    for v in args.vocab:
+        unit = args.rows * v * 2
+        g = torch.Generator(device="cuda").manual_seed(1)
+        zs0 = torch.randn(args.rows, v, device="cuda", generator=g).mul_(2).to(torch.bfloat16)
+        zt = torch.randn(args.rows, v, device="cuda", generator=g).mul_(2).to(torch.bfloat16)
+        zs = zs0.clone()
+        for kind in args.kinds:
+            fns = {}
+            if not args.profile:
+                fns["reread"] = launcher(kind, None, zs, zt)
+            for name, b in builds.items():
+                cluster._failed.clear()  # one refused build must not turn the others off
+                try:
+                    res = check(b, kind, 300, v, seed=len(report["checks"]))
+                except Exception as exc:
+                    res = dict(ok=False, error=repr(exc)[:300])
+                report["checks"].append(dict(build=name, kind=kind, vocab=v, **res))
+                print(f"check {kind:<10} V={v} {name:<14} {res}", flush=True)
+                if not res["ok"]:
+                    continue
+                fns[name] = launcher(kind, b, zs, zt)
+            if args.profile:
+                for fn in fns.values():
+                    for _ in range(3):
+                        fn()
+                torch.cuda.synchronize()
+                continue
+            times = {name: [] for name in fns}
+            zs.copy_(zs0)
+            for fn in fns.values():  # compile, warm up
+                fn()
+            for _ in range(args.rounds):
+                order = list(fns)
+                random.shuffle(order)
+                for name in order:
+                    def many(fn=fns[name]):
+                        for _ in range(LAUNCHES):
+                            fn()
+                    times[name] += [t / LAUNCHES for t in timed(many, 3, 1)]
+            base = statistics.median(times["reread"])
+            for name, ts in times.items():
+                med = statistics.median(ts)
+                row = dict(kind=kind, vocab=v, build=name, ms=round(med, 4), ms_all=[round(t, 4) for t in ts],
+                           gbps_3units=round(3 * unit / med / 1e6, 1), x_reread=round(med / base, 3))
+                if name in builds:
+                    smem = cluster.shared_bytes(v, builds[name]["cluster"], builds[name]["defines"].get("STAGES", 2))
+                    kern = cluster._compile(zs.device, kind, builds[name]["threads"], builds[name]["cluster"],
+                                            builds[name]["defines"])
+                    row["active_clusters"] = cluster.active_clusters(kern, zs.device, smem, builds[name]["threads"],
+                                                                     builds[name]["cluster"])
+                report["timings"].append(row)
+    if args.profile:
+        return
+    print(f"\n{'kind':<10} {'V':>7} {'build':<14} {'ms':>8} {'GB/s':>7} {'x reread':>8} clusters")
+    for r in report["timings"]:
+        print(f"{r['kind']:<10} {r['vocab']:>7} {r['build']:<14} {r['ms']:>8.4f} {r['gbps_3units']:>7.1f} "
+              f"{r['x_reread']:>8.3f} {r.get('active_clusters', '')}")
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        name = torch.cuda.get_device_name().replace("NVIDIA ", "").replace(" ", "-")
+        path = args.out / f"cluster_probe_{name}_{report['date']}.json"
+        path.write_text(json.dumps(report, indent=1))
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
