@@ -2,7 +2,8 @@
 
 Each build is named like ``c16t256s2m2o``: cluster size (blocks per row), threads per block,
 row stages in shared memory (s, default 2), blocks per multiprocessor the registers must allow
-(m, default 1), ``o`` for the one-pass online statistics, ``u2`` for two vectors per loop
+(m, default 1), ``o`` for the one-pass online statistics, ``r`` for block reductions with
+one barrier each, ``u2`` for two vectors per loop
 iteration. Every build is first checked against the multi-pass Triton kernels on fresh random
 logits (loss partial sums rtol 1e-5, dz within one bf16 rounding), then all builds and the
 Triton single pass ("reread", its defaults) are timed in shuffled interleaved rounds. As in
@@ -32,14 +33,15 @@ from loss_kernel import LAUNCHES, environment, timed  # noqa: E402
 from megatron_distill.losses.kernels import cluster_single_pass as cluster  # noqa: E402
 from megatron_distill.losses.kernels import distill_elementwise as ew  # noqa: E402
 
-_NAME = re.compile(r"c(\d+)t(\d+)(?:s(\d))?(?:m(\d))?(o)?(?:u(\d))?$")
+_NAME = re.compile(r"c(\d+)t(\d+)(?:s(\d))?(?:m(\d))?(o)?(r)?(?:u(\d))?$")
 
 
 def parse_build(name: str) -> dict:
     """``c16t256s2m2o`` -> dict(cluster=16, threads=256, defines={STAGES: 2, MINBLOCKS: 2, ONLINE: 1})."""
     m = _NAME.match(name)
     if m is None:
-        raise SystemExit(f"--builds: {name!r} is not of the form c<cluster>t<threads>[s<stages>][m<blocks>][o][u<n>]")
+        raise SystemExit(f"--builds: {name!r} is not of the form "
+                         "c<cluster>t<threads>[s<stages>][m<blocks>][o][r][u<n>]")
     defines = {}
     if m[3]:
         defines["STAGES"] = int(m[3])
@@ -48,7 +50,9 @@ def parse_build(name: str) -> dict:
     if m[5]:
         defines["ONLINE"] = 1
     if m[6]:
-        defines["UNROLL"] = int(m[6])
+        defines["FASTRED"] = 1
+    if m[7]:
+        defines["UNROLL"] = int(m[7])
     return dict(cluster=int(m[1]), threads=int(m[2]), defines=defines)
 
 

@@ -13,8 +13,9 @@
 // this one is computed; 1 leaves that overlap to another block on the multiprocessor),
 // MINBLOCKS (blocks per multiprocessor the registers must allow), ONLINE (1: each thread keeps a
 // running maximum and sum-exp, one pass over shared memory for the segment's statistics instead
-// of two), UNROLL (vectors per loop iteration). Logarithms are base 2 inside (exp2 / lg2 hardware approximations,
-// as the Triton kernels use); losses are returned in nats.
+// of two), UNROLL (vectors per loop iteration), FASTRED (1: block reductions alternate between two
+// scratch buffers, one __syncthreads each instead of two). Logarithms are base 2 inside (exp2 /
+// lg2 hardware approximations, as the Triton kernels use); losses are returned in nats.
 
 #ifndef CLUSTER
 #define CLUSTER 8
@@ -36,6 +37,9 @@
 #endif
 #ifndef UNROLL
 #define UNROLL 1
+#endif
+#ifndef FASTRED
+#define FASTRED 0
 #endif
 constexpr int kUnroll = UNROLL;
 
@@ -134,13 +138,17 @@ __device__ __forceinline__ float warp_reduce(float v) {
 }
 
 // Block-wide sums (MAX false) or maxima (MAX true) of N values; every thread gets the results.
-// `scratch`: WARPS * N floats.
+// `scratch`: WARPS * N floats, free once every thread has left the reduction before the last one
+// that used it (FASTRED: the caller alternates two buffers, so the barrier between two
+// reductions frees it).
 template <int N, bool MAX>
 __device__ __forceinline__ void block_reduce(float* v, float* scratch) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
 #pragma unroll
     for (int i = 0; i < N; ++i) v[i] = warp_reduce<MAX>(v[i]);
+#if !FASTRED
     __syncthreads();  // scratch is free (its previous readers are done)
+#endif
     if (lane == 0)
 #pragma unroll
         for (int i = 0; i < N; ++i) scratch[i * WARPS + warp] = v[i];
@@ -166,7 +174,9 @@ extern "C" __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(THR
     // teacher) x seg_len bf16.
     extern __shared__ __align__(16) unsigned char smem_raw[];
     __shared__ Partials parts[2][2];  // [meeting: stats, JSD sums][row parity p]
-    __shared__ float scratch[6 * WARPS];
+    __shared__ float scratch_bufs[2][6 * WARPS];
+    int n_reductions = 0;  // the same sequence in every thread
+    auto scratch_next = [&]() { return scratch_bufs[FASTRED ? (n_reductions++ & 1) : 0]; };
 
     const float scale2 = (float)scale2_d, beta = (float)beta_d, grad_scale = (float)grad_scale_d;
     const unsigned rank = cluster_rank();
@@ -241,11 +251,11 @@ extern "C" __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(THR
             mx[1] = nt;
         }
         const float own_s = mx[0], own_t = mx[1];
-        block_reduce<2, true>(mx, scratch);
+        block_reduce<2, true>(mx, scratch_next());
         const float ws = own_s == NEG_INF ? 0.0f : ex2((own_s - mx[0]) * scale2);
         const float wt = own_t == NEG_INF ? 0.0f : ex2((own_t - mx[1]) * scale2);
         float sums[3] = {run[0] * ws, run[1] * wt, run[2] * ws};
-        block_reduce<3, false>(sums, scratch);
+        block_reduce<3, false>(sums, scratch_next());
 #else
         float mx[2] = {NEG_INF, NEG_INF};
 #pragma unroll kUnroll
@@ -258,7 +268,7 @@ extern "C" __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(THR
                 mx[1] = fmaxf(mx[1], t[j]);
             }
         }
-        block_reduce<2, true>(mx, scratch);
+        block_reduce<2, true>(mx, scratch_next());
         const float ms_loc = mx[0] == NEG_INF ? 0.0f : mx[0], mt_loc = mx[1] == NEG_INF ? 0.0f : mx[1];
         float sums[3] = {0.0f, 0.0f, 0.0f};
 #pragma unroll kUnroll
@@ -273,7 +283,7 @@ extern "C" __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(THR
                 if (KIND == 1) sums[2] += es * (s[j] - t[j]) * scale2;
             }
         }
-        block_reduce<3, false>(sums, scratch);
+        block_reduce<3, false>(sums, scratch_next());
 #endif
         if (threadIdx.x == 0) {
             parts[0][p] = Partials{mx[0], mx[1], sums[0], sums[1], sums[2], 0.0f};
@@ -331,7 +341,7 @@ extern "C" __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(THR
                     }
                 }
             }
-            block_reduce<2, false>(kl, scratch);
+            block_reduce<2, false>(kl, scratch_next());
             if (threadIdx.x == 0) {
                 parts[1][p].kl_s = kl[0];
                 loss_out[loss_at] = (beta * kl[1] + (1.0f - beta) * kl[0]) * LN2;
@@ -371,7 +381,7 @@ extern "C" __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(THR
         }
         if (KIND < 2) {
             float v[1] = {term};
-            block_reduce<1, false>(v, scratch);
+            block_reduce<1, false>(v, scratch_next());
             if (threadIdx.x == 0) loss_out[loss_at] = v[0] * LN2;
         }
         __syncthreads();  // every thread is done with stage k before a later row's load reuses it
