@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import re
 import statistics
 import sys
 from datetime import date
@@ -33,42 +32,19 @@ from loss_kernel import LAUNCHES, environment, timed  # noqa: E402
 from megatron_distill.losses.kernels import cluster_single_pass as cluster  # noqa: E402
 from megatron_distill.losses.kernels import distill_elementwise as ew  # noqa: E402
 
-_NAME = re.compile(r"c(\d+)t(\d+)(?:s(\d))?(?:m(\d))?(o)?(r)?(?:u(\d))?$")
-
-
-def parse_build(name: str) -> dict:
-    """``c16t256s2m2o`` -> dict(cluster=16, threads=256, defines={STAGES: 2, MINBLOCKS: 2, ONLINE: 1})."""
-    m = _NAME.match(name)
-    if m is None:
-        raise SystemExit(f"--builds: {name!r} is not of the form "
-                         "c<cluster>t<threads>[s<stages>][m<blocks>][o][r][u<n>]")
-    defines = {}
-    if m[3]:
-        defines["STAGES"] = int(m[3])
-    if m[4]:
-        defines["MINBLOCKS"] = int(m[4])
-    if m[5]:
-        defines["ONLINE"] = 1
-    if m[6]:
-        defines["FASTRED"] = 1
-    if m[7]:
-        defines["UNROLL"] = int(m[7])
-    return dict(cluster=int(m[1]), threads=int(m[2]), defines=defines)
-
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
-def check(build: dict, kind: str, rows: int, v: int, seed: int) -> dict:
+def check(build: cluster.Build, kind: str, rows: int, v: int, seed: int) -> dict:
     """The build against the multi-pass kernels on fresh logits: loss error and dz error."""
     g = torch.Generator(device="cuda").manual_seed(seed)
     zs0 = (torch.randn(rows, v, generator=g, device="cuda") * 3).to(torch.bfloat16)
     zt = (torch.randn(rows, v, generator=g, device="cuda") * 3).to(torch.bfloat16)
     a, b = zs0.clone(), zs0.clone()
-    loss_a = torch.full((build["cluster"], rows), float("nan"), device="cuda")
-    cluster.loss_grad_(a, zt, loss_a, kind=kind, beta=0.3, scale2=ew.LOG2E / 1.3, grad_scale=0.01 / 1.3,
-                       threads=build["threads"], cluster=build["cluster"], defines=build["defines"])
+    loss_a = torch.full((build.cluster, rows), float("nan"), device="cuda")
+    cluster.loss_grad_(a, zt, loss_a, kind=kind, beta=0.3, scale2=ew.LOG2E / 1.3, grad_scale=0.01 / 1.3, build=build)
     split = ew.default_split(rows, v, b.device)
     loss_b = torch.empty(split, rows, device="cuda")
     stats = ew.row_stats(b, zt, 1.3, kind == "reverse_kl", split=split)
@@ -83,16 +59,15 @@ def check(build: dict, kind: str, rows: int, v: int, seed: int) -> dict:
     return dict(loss_excess=loss_err, dz_rel_err=_rel(a, b), ok=ok)
 
 
-def launcher(kind: str, build: dict | None, zs: torch.Tensor, zt: torch.Tensor):
+def launcher(kind: str, build: cluster.Build | None, zs: torch.Tensor, zt: torch.Tensor):
     """One launch over ``zs`` / ``zt`` ``[rows, V]``: the build, or the Triton single pass (None)."""
     rows, v = zs.shape
     if build is None:
         loss = torch.empty(ew.single_pass_split(v, zs.device, kind=kind, variant="reread"), rows, device="cuda")
         return lambda: ew.single_pass_loss_grad_(zs, zt, loss, kind=kind, beta=0.5, temperature=1.0,
                                                  grad_scale=1e-4, variant="reread")
-    loss = torch.empty(build["cluster"], rows, device="cuda")
-    return lambda: cluster.loss_grad_(zs, zt, loss, kind=kind, beta=0.5, scale2=ew.LOG2E, grad_scale=1e-4,
-                                      threads=build["threads"], cluster=build["cluster"], defines=build["defines"])
+    loss = torch.empty(build.cluster, rows, device="cuda")
+    return lambda: cluster.loss_grad_(zs, zt, loss, kind=kind, beta=0.5, scale2=ew.LOG2E, grad_scale=1e-4, build=build)
 
 
 def main() -> None:
@@ -105,7 +80,10 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="a few launches of each build, no timing (for ncu)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
-    builds = {name: parse_build(name) for name in args.builds}
+    try:
+        builds = {name: cluster.parse_build(name) for name in args.builds}
+    except ValueError as exc:
+        raise SystemExit(f"--builds: {exc}") from None
     report = dict(date=str(date.today()), command="python " + " ".join(sys.argv), env=environment(1),
                   rows=args.rows, launches_per_timing=LAUNCHES, checks=[], timings=[])
     for v in args.vocab:
@@ -153,11 +131,9 @@ def main() -> None:
                 row = dict(kind=kind, vocab=v, build=name, ms=round(med, 4), ms_all=[round(t, 4) for t in ts],
                            gbps_3units=round(3 * unit / med / 1e6, 1), x_reread=round(med / base, 3))
                 if name in builds:
-                    smem = cluster.shared_bytes(v, builds[name]["cluster"], builds[name]["defines"].get("STAGES", 2))
-                    kern = cluster._compile(zs.device, kind, builds[name]["threads"], builds[name]["cluster"],
-                                            builds[name]["defines"])
-                    row["active_clusters"] = cluster.active_clusters(kern, zs.device, smem, builds[name]["threads"],
-                                                                     builds[name]["cluster"])
+                    smem = cluster.shared_bytes(v, builds[name])
+                    kern = cluster._compile(zs.device, kind, builds[name])
+                    row["active_clusters"] = cluster.active_clusters(kern, zs.device, smem, builds[name])
                 report["timings"].append(row)
     if args.profile:
         return

@@ -210,10 +210,14 @@ def test_single_pass_rows_that_time_out_are_redone(kind, max_polls, monkeypatch)
     assert _rel(a, b) <= 1e-5
 
 
+@pytest.mark.parametrize("build", ["c8t512", "c16t256m2or", "c8t256s1m2ou2"])
 @pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd"])
-def test_cluster_kernel_matches_multi_pass(kind):
-    # The thread-block-cluster kernel (cluster_single_pass.cu) on bf16 rows: odd row counts,
-    # segments that end before the cluster's last block (V = 64 + 8), rows that are slices of a
+def test_cluster_kernel_matches_multi_pass(kind, build, monkeypatch):
+    # The thread-block-cluster kernel (cluster_single_pass.cu) on bf16 rows, in the default build
+    # and in builds with every compile-time option (16-block clusters, two blocks per
+    # multiprocessor, one row stage, online statistics, one-barrier reductions, unrolled loops):
+    # odd row counts,
+    # segments that end before the cluster's last block (V = 128 + 8), rows that are slices of a
     # wider buffer (as the fused loss passes them), the benchmark vocabularies, more rows than
     # resident clusters. Against the multi-pass Triton kernels on the same logits: both compute
     # in fp32, differing only in the order of the row sums (1e-5) and, for dz, by at most one
@@ -221,16 +225,18 @@ def test_cluster_kernel_matches_multi_pass(kind):
     from megatron_distill.losses.kernels import cluster_single_pass as cluster
     from megatron_distill.losses.kernels import distill_elementwise as ew
 
+    monkeypatch.setitem(ew.KERNEL_CONFIG, "cluster_build", build)
+    b_cfg = cluster.parse_build(build)
     g = torch.Generator(device="cuda").manual_seed(5)
-    for rows, v, pad in ((1, 72, 0), (7, 5008, 8), (300, 40000, 0), (513, 128256, 0), (1024, 151936, 0)):
+    for rows, v, pad in ((1, 136, 0), (7, 5008, 8), (300, 40000, 0), (513, 128256, 0), (1024, 151936, 0)):
         buf = (torch.randn(rows + 2, v + pad, generator=g, device="cuda") * 3).to(torch.bfloat16)
         zs0 = buf[1 : rows + 1, :v]  # strided rows when pad > 0
         zt = (torch.randn(rows, v, generator=g, device="cuda") * 3).to(torch.bfloat16)
-        assert cluster.usable(zs0, zt), (rows, v)
+        assert cluster.usable(zs0, zt, b_cfg), (rows, v)
         a_buf = buf.clone()
         a, b = a_buf[1 : rows + 1, :v], zs0.contiguous()
         split = ew.single_pass_split(v, a.device, kind=kind, variant="cluster")
-        assert split == cluster.CLUSTER
+        assert split == b_cfg.cluster
         loss_a = torch.full((split, rows), float("nan"), device="cuda")
         counters = ew.single_pass_loss_grad_(
             a, zt, loss_a, kind=kind, beta=0.3, temperature=1.3, grad_scale=0.01, variant="cluster"

@@ -152,6 +152,21 @@ def test_cluster_kernel_geometry_and_switch(monkeypatch):
     zs = torch.zeros(4, 4096, dtype=torch.bfloat16)
     assert not cluster.usable(zs, zs)
     assert ew.single_pass_split(4096, torch.device("cpu"), kind="jsd", variant="cluster") == 1
+    # builds: names round-trip, bad names and settings are refused with the setting named, and
+    # the per-kind setting picks each kind's build
+    for name in ("c8t512", "c16t256m2or", "c8t256s1m2ou2", "c4t128o"):
+        assert cluster.parse_build(name).name == name
+    assert cluster.parse_build("c8t512") == cluster.DEFAULT_BUILD
+    assert cluster.shared_bytes(151936, cluster.parse_build("c16t256s1m4")) * 4 <= 227 * 1024
+    for bad in ("c32t256", "c8t100", "c8t512s3", "cluster"):
+        with pytest.raises(ValueError, match="cluster kernel build"):
+            cluster.parse_build(bad)
+    monkeypatch.setitem(ew.KERNEL_CONFIG, "cluster_build", "kl:c8t256,jsd:c16t256m2or")
+    assert ew.cluster_build("reverse_kl") == cluster.Build(threads=256)
+    assert ew.cluster_build("jsd", num_warps=4).name == "c16t128m2or"
+    monkeypatch.setitem(ew.KERNEL_CONFIG, "cluster_build", "kl=c8t256")
+    with pytest.raises(ValueError, match="MEGATRON_DISTILL_CLUSTER_BUILD"):
+        ew.cluster_build("jsd")
     name = "MEGATRON_DISTILL_CLUSTER_KERNEL"  # read into KERNEL_CONFIG["cluster_kernel"]
     monkeypatch.setenv(name, "0")
     assert ew._env_flag(name, default=True) is False

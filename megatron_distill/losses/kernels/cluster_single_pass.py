@@ -8,13 +8,15 @@ barrier: DRAM sees exactly 3 units (read z_S, z_T, write dz) and no program ever
 never wait on one another, so a launch cannot hang however few of them are resident.
 
 The kernel is compiled at run time with NVRTC through PyTorch (no CUDA toolkit needed) and
-cached per (device, kind, cluster size, threads). ``usable`` says whether it can run on a pair
+cached per (device, kind, build). ``usable`` says whether it can run on a pair
 of logits buffers; otherwise callers keep the Triton kernels.
 """
 
 from __future__ import annotations
 
 import ctypes
+import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -30,14 +32,61 @@ _compiled: dict = {}
 _failed: set = set()  # device indices where NVRTC or the driver refused the kernel
 
 
+@dataclass(frozen=True)
+class Build:
+    """One compiled form of the kernel: blocks per row (``cluster``, up to 16: above 8 with
+    Hopper's non-portable cluster sizes), threads per block, row stages in shared memory (2: the
+    next row loads while this one is computed), blocks per multiprocessor the registers must
+    allow, one-pass online segment statistics, block reductions with one barrier each, vectors
+    per loop iteration. Named like ``c16t256s2m2or`` (``parse_build``)."""
+
+    cluster: int = CLUSTER
+    threads: int = THREADS
+    stages: int = 2
+    min_blocks: int = 1
+    online: bool = False
+    fast_reduce: bool = False
+    unroll: int = 1
+
+    @property
+    def name(self) -> str:
+        """The build's short name, the inverse of ``parse_build``."""
+        return (f"c{self.cluster}t{self.threads}" + (f"s{self.stages}" if self.stages != 2 else "")
+                + (f"m{self.min_blocks}" if self.min_blocks != 1 else "") + ("o" if self.online else "")
+                + ("r" if self.fast_reduce else "") + (f"u{self.unroll}" if self.unroll != 1 else ""))
+
+    def defines(self) -> dict:
+        """The source's compile-time constants for this build."""
+        return dict(CLUSTER=self.cluster, THREADS=self.threads, STAGES=self.stages, MINBLOCKS=self.min_blocks,
+                    ONLINE=int(self.online), FASTRED=int(self.fast_reduce), UNROLL=self.unroll)
+
+
+DEFAULT_BUILD = Build()
+_BUILD_NAME = re.compile(r"c(\d+)t(\d+)(?:s([12]))?(?:m(\d))?(o)?(r)?(?:u(\d))?")
+
+
+def parse_build(name: str) -> Build:
+    """``Build`` from a name of the form ``c<cluster>t<threads>[s<stages>][m<blocks>][o][r][u<n>]``,
+    e.g. "c8t512" (the default) or "c16t256m2or"."""
+    m = _BUILD_NAME.fullmatch(name.strip())
+    build = None
+    if m is not None:
+        build = Build(cluster=int(m[1]), threads=int(m[2]), stages=int(m[3] or 2), min_blocks=int(m[4] or 1),
+                      online=bool(m[5]), fast_reduce=bool(m[6]), unroll=int(m[7] or 1))
+    if build is None or not (1 <= build.cluster <= 16) or build.threads % 32 or not 32 <= build.threads <= 1024:
+        raise ValueError(f"cluster kernel build {name!r}: expected c<cluster 1-16>t<threads, a multiple of 32>"
+                         "[s<stages 1-2>][m<blocks per SM>][o][r][u<n>], e.g. c8t512 or c16t256m2or")
+    return build
+
+
 def seg_len(n_cols: int, cluster: int = CLUSTER) -> int:
     """Vocab elements per block of a row's cluster: a multiple of 8 (16-byte vectors)."""
     return -(-n_cols // (8 * cluster)) * 8
 
 
-def shared_bytes(n_cols: int, cluster: int = CLUSTER, stages: int = 2) -> int:
-    """Dynamic shared memory of one block: ``stages`` x (student, teacher) segments, bf16."""
-    return 2 * stages * seg_len(n_cols, cluster) * 2
+def shared_bytes(n_cols: int, build: Build = DEFAULT_BUILD) -> int:
+    """Dynamic shared memory of one block: ``build.stages`` x (student, teacher) segments, bf16."""
+    return 2 * build.stages * seg_len(n_cols, build.cluster) * 2
 
 
 def device_supports(device: torch.device) -> bool:
@@ -48,20 +97,20 @@ def device_supports(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device)[0] >= 9 and device.index not in _failed
 
 
-def usable(zs: torch.Tensor, zt: torch.Tensor) -> bool:
-    """Whether the cluster kernel can run on these logits: bf16 on a Hopper-class GPU, rows of
-    16-byte vectors (``V_local`` and row strides multiples of 8, aligned buffers), and both
-    row stages fit in shared memory."""
+def usable(zs: torch.Tensor, zt: torch.Tensor, build: Build = DEFAULT_BUILD) -> bool:
+    """Whether ``build`` of the cluster kernel can run on these logits: bf16 on a Hopper-class
+    GPU, rows of 16-byte vectors (``V_local`` and row strides multiples of 8, aligned buffers),
+    and the row stages fit in shared memory."""
     if not device_supports(zs.device) or zs.dtype != torch.bfloat16 or zt.dtype != torch.bfloat16:
         return False
     n_cols = zs.shape[1]
-    if n_cols < 8 * CLUSTER or n_cols % 8 or zs.stride(0) % 8 or zt.stride(0) % 8:
+    if n_cols < 8 * build.cluster or n_cols % 8 or zs.stride(0) % 8 or zt.stride(0) % 8:
         return False
     if zs.data_ptr() % 16 or zt.data_ptr() % 16:
         return False
     props = torch.cuda.get_device_properties(zs.device)
     optin = getattr(props, "shared_memory_per_block_optin", 0)
-    return shared_bytes(n_cols) + _STATIC_SMEM <= optin
+    return shared_bytes(n_cols, build) + _STATIC_SMEM <= optin
 
 
 def _torch_cuda_lib(*names: str):
@@ -75,14 +124,12 @@ def _torch_cuda_lib(*names: str):
     raise RuntimeError(f"this PyTorch has none of torch.cuda._utils.{names}")
 
 
-def compile_cubin(nvrtc, kind: str, arch: str, threads: int = THREADS, cluster: int = CLUSTER,
-                  defines: dict | None = None) -> bytes:
-    """The kernel for ``kind`` compiled by NVRTC (a ctypes handle of libnvrtc) for ``arch``
-    (e.g. "sm_90"): the cubin's bytes. ``defines``: further compile-time constants of the
-    source (STAGES, MINBLOCKS, ONLINE, UNROLL). Raises RuntimeError with NVRTC's log on failure."""
+def compile_cubin(nvrtc, kind: str, arch: str, build: Build = DEFAULT_BUILD) -> bytes:
+    """``build`` of the kernel for ``kind`` compiled by NVRTC (a ctypes handle of libnvrtc) for
+    ``arch`` (e.g. "sm_90"): the cubin's bytes. Raises RuntimeError with NVRTC's log on failure."""
     nvrtc.nvrtcGetErrorString.restype = ctypes.c_char_p
-    options = [f"--gpu-architecture={arch}", "--std=c++17", f"-DKIND={KIND_CODES[kind]}", f"-DCLUSTER={cluster}",
-               f"-DTHREADS={threads}"] + [f"-D{k}={v}" for k, v in sorted((defines or {}).items())]
+    options = [f"--gpu-architecture={arch}", "--std=c++17", f"-DKIND={KIND_CODES[kind]}"]
+    options += [f"-D{k}={v}" for k, v in build.defines().items()]
     prog = ctypes.c_void_p()
     _check_nvrtc(nvrtc, nvrtc.nvrtcCreateProgram(ctypes.byref(prog), _SOURCE.read_bytes(), _SOURCE.name.encode(),
                                                  0, None, None))
@@ -109,21 +156,21 @@ def _check_nvrtc(nvrtc, result: int) -> None:
         raise RuntimeError(f"NVRTC error {result}: {nvrtc.nvrtcGetErrorString(result)}")
 
 
-def _compile(device: torch.device, kind: str, threads: int, cluster: int, defines: dict | None):
-    key = (device.index, kind, threads, cluster, tuple(sorted((defines or {}).items())))
+def _compile(device: torch.device, kind: str, build: Build):
+    key = (device.index, kind, build)
     if key not in _compiled:
         from torch.cuda._utils import _cuda_load_module
 
         nvrtc = _torch_cuda_lib("_get_gpu_rtc_library", "_get_nvrtc_library")
         major, minor = torch.cuda.get_device_capability(device)
-        cubin = compile_cubin(nvrtc, kind, f"sm_{major}{minor}", threads, cluster, defines)
+        cubin = compile_cubin(nvrtc, kind, f"sm_{major}{minor}", build)
         with torch.cuda.device(device):
             kernel = _cuda_load_module(cubin, [_NAME])[_NAME]
-        if cluster > 8:  # above the portable size: Hopper allows 16 on request
+        if build.cluster > 8:  # above the portable size: Hopper allows 16 on request
             libcuda = _torch_cuda_lib("_get_gpu_runtime_library", "_get_cuda_library")
             # 14: CU_FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED
             if libcuda.cuFuncSetAttribute(kernel.func, 14, 1) != 0:
-                raise RuntimeError(f"the driver refused a non-portable cluster size of {cluster}")
+                raise RuntimeError(f"the driver refused a non-portable cluster size of {build.cluster}")
         _compiled[key] = kernel
     return _compiled[key]
 
@@ -150,15 +197,15 @@ class _LaunchConfig(ctypes.Structure):
 _active: dict = {}
 
 
-def active_clusters(kernel, device: torch.device, smem: int, threads: int = THREADS, cluster: int = CLUSTER) -> int:
+def active_clusters(kernel, device: torch.device, smem: int, build: Build = DEFAULT_BUILD) -> int:
     """Clusters of this kernel the device holds at once (cuOccupancyMaxActiveClusters), or the
-    multiprocessor count / ``cluster`` where the driver does not say."""
-    key = (device.index, id(kernel), smem, threads)
+    multiprocessor count / cluster size where the driver does not say."""
+    key = (device.index, id(kernel), smem)
     if key not in _active:
-        fallback = max(torch.cuda.get_device_properties(device).multi_processor_count // cluster, 1)
+        fallback = max(torch.cuda.get_device_properties(device).multi_processor_count // build.cluster, 1)
         try:
             libcuda = _torch_cuda_lib("_get_gpu_runtime_library", "_get_cuda_library")
-            cfg = _LaunchConfig(fallback * cluster, 1, 1, threads, 1, 1, smem, None, None, 0)
+            cfg = _LaunchConfig(fallback * build.cluster, 1, 1, build.threads, 1, 1, smem, None, None, 0)
             n = ctypes.c_int()
             rc = libcuda.cuOccupancyMaxActiveClusters(ctypes.byref(n), kernel.func, ctypes.byref(cfg))
             _active[key] = n.value if rc == 0 and n.value > 0 else fallback
@@ -176,37 +223,34 @@ def loss_grad_(
     beta: float,
     scale2: float,
     grad_scale: float,
+    build: Build = DEFAULT_BUILD,
     n_clusters: int | None = None,
-    threads: int = THREADS,
-    cluster: int = CLUSTER,
-    defines: dict | None = None,
 ) -> None:
     """Per-row loss partials and dz over ``zs`` for bf16 logits ``zs``, ``zt`` ``[rows, V]``
-    (``usable`` must hold). ``loss_out``: fp32 ``[CLUSTER, rows]`` (rows contiguous), block r of
-    a row's cluster writes its vocab segment's divergence (nats) into ``loss_out[r]``. On return
+    (``usable`` must hold). ``loss_out``: fp32 ``[build.cluster, rows]`` (rows contiguous), block r
+    of a row's cluster writes its vocab segment's divergence (nats) into ``loss_out[r]``. On return
     ``zs`` holds ``grad_scale * d loss / d (z_S c ln 2)``, the same as the Triton single pass
     (``grad_scale`` here already includes 1 / tau). ``scale2`` = log2(e) / tau. ``n_clusters``
-    (default: as many as are resident at once) take rows in turn; ``threads`` per block;
-    ``cluster`` blocks per row (``loss_out`` then has that many partial rows) and ``defines``
-    (``compile_cubin``) select other builds of the kernel, for the benchmarks."""
+    (default: as many as are resident at once) take rows in turn."""
     rows, n_cols = zs.shape
+    cluster = build.cluster
     if loss_out.shape != (cluster, rows) or loss_out.dtype != torch.float32 or loss_out.stride(1) != 1:
         raise ValueError(f"loss_out must be fp32 [{cluster}, {rows}] with contiguous rows, got {tuple(loss_out.shape)}")
     if rows == 0:
         return
     device = zs.device
-    smem = shared_bytes(n_cols, cluster, int((defines or {}).get("STAGES", 2)))
+    smem = shared_bytes(n_cols, build)
     try:
-        kernel = _compile(device, kind, threads, cluster, defines)
+        kernel = _compile(device, kind, build)
         _allow_shared_memory(kernel, smem)
     except Exception:
         _failed.add(device.index)
         raise
-    n_clusters = min(n_clusters or active_clusters(kernel, device, smem, threads, cluster), rows)
+    n_clusters = min(n_clusters or active_clusters(kernel, device, smem, build), rows)
     with torch.cuda.device(device):
         kernel(
             grid=(n_clusters * cluster, 1, 1),
-            block=(threads, 1, 1),
+            block=(build.threads, 1, 1),
             args=[zs, zt, zs.stride(0), zt.stride(0), loss_out, loss_out.stride(0), rows, n_cols,
                   seg_len(n_cols, cluster),
                   float(scale2), float(beta), float(grad_scale)],
@@ -215,5 +259,6 @@ def loss_grad_(
 
 
 __all__ = [
-    "CLUSTER", "KIND_CODES", "active_clusters", "compile_cubin", "device_supports", "loss_grad_", "seg_len", "usable",
+    "CLUSTER", "DEFAULT_BUILD", "KIND_CODES", "Build", "active_clusters", "compile_cubin", "device_supports",
+    "loss_grad_", "parse_build", "seg_len", "shared_bytes", "usable",
 ]

@@ -40,6 +40,7 @@ same quantities, used where Triton cannot run and as the kernels' reference in t
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings
 
@@ -86,6 +87,10 @@ KERNEL_CONFIG = dict(
     # cluster_kernel: whether the single pass's "cluster" variant may run cluster_single_pass.cu
     # (else it means "reread"); $MEGATRON_DISTILL_CLUSTER_KERNEL=0 turns it off.
     cluster_kernel=_env_flag("MEGATRON_DISTILL_CLUSTER_KERNEL", default=True),
+    # cluster_build: the cluster kernel's build (cluster_single_pass.parse_build), one name for
+    # every kind ("c16t256m2or") or per kind group ("kl:c8t512,jsd:c16t256m2or"); None = the
+    # CLUSTER_BUILDS defaults; $MEGATRON_DISTILL_CLUSTER_BUILD sets it
+    cluster_build=os.environ.get("MEGATRON_DISTILL_CLUSTER_BUILD") or None,
     sp_variant=None,
     sp_block_v=None,
     sp_num_warps=None,
@@ -111,6 +116,7 @@ SP_DEFAULTS = {
 # program's segment in registers with no re-read, was 1.5-1.8x slower than "reread": per row a
 # program waits ~5 us on its peers with too few bytes in flight; NOTES_loss_kernel.md, iteration 6.)
 SP_VARIANTS = ("cluster", "reread", "pipelined")
+CLUSTER_BUILDS = {"kl": "c8t512", "jsd": "c8t512"}
 _INTERPRET_BLOCK_V = 1024  # the interpreter runs one numpy op per statement: wide is faster
 _GROUP = 8  # running maxima per 8 consecutive elements: one 16-byte bf16 vector per thread
 
@@ -756,10 +762,32 @@ def single_pass_split(
     if triton is None or device.type != "cuda" or _interpreting():
         return 1
     if _variant(variant, kind) == "cluster" and dtype == torch.bfloat16 and _cluster_runs(device):
-        return cluster.CLUSTER
+        return cluster_build(kind).cluster
     n_slices = triton.cdiv(n_cols, block_v or _sp_block_v(n_cols, device, kind))
     per_segment = triton.cdiv(n_slices, segments or _sp_setting("segments", kind))
     return triton.cdiv(n_slices, per_segment)
+
+
+def cluster_build(kind: str, num_warps: int | None = None) -> cluster.Build:
+    """The cluster kernel's build for ``kind``: KERNEL_CONFIG["cluster_build"] (one name, or
+    "kl:<name>,jsd:<name>") or else ``CLUSTER_BUILDS``; ``num_warps`` sets its block size."""
+    group = "jsd" if kind == "jsd" else "kl"
+    setting = KERNEL_CONFIG.get("cluster_build") or CLUSTER_BUILDS[group]
+    where = f"KERNEL_CONFIG['cluster_build'] / $MEGATRON_DISTILL_CLUSTER_BUILD = {setting!r}"
+    name = setting
+    if ":" in setting:
+        try:
+            per_group = dict(item.split(":", 1) for item in setting.split(","))
+        except ValueError:
+            per_group = {}
+        if set(per_group) - {"kl", "jsd"} or group not in per_group:
+            raise ValueError(f"{where}: neither one build name nor 'kl:<name>,jsd:<name>'")
+        name = per_group[group]
+    try:
+        build = cluster.parse_build(name)
+    except ValueError as exc:
+        raise ValueError(f"{where}: {exc}") from None
+    return dataclasses.replace(build, threads=32 * num_warps) if num_warps else build
 
 
 def _cluster_runs(device: torch.device) -> bool:
@@ -1076,7 +1104,7 @@ def single_pass_loss_grad_(
 
     The "cluster" kernel (``cluster_single_pass``) needs none of that: its blocks of a row meet
     behind the hardware cluster barrier and clusters never wait on each other. It runs where
-    ``cluster.usable`` holds and ``loss_out`` has ``cluster.CLUSTER`` partial rows; elsewhere
+    ``cluster.usable`` holds and ``loss_out`` has the build's cluster size of partial rows; elsewhere
     (fp32 logits, rows not of 16-byte vectors, before Hopper, NVRTC missing) "cluster" means
     "reread".
 
@@ -1102,12 +1130,12 @@ def single_pass_loss_grad_(
     device = zs.device
     variant = _variant(variant, kind)
     if variant == "cluster":
-        if n_parts == cluster.CLUSTER and _cluster_runs(device) and cluster.usable(zs, zt):
+        # num_warps, when given, sets the cluster kernel's block size too (the sweep's knob)
+        build = cluster_build(kind, num_warps)
+        if n_parts == build.cluster and _cluster_runs(device) and cluster.usable(zs, zt, build):
             try:
-                # num_warps, when given, sets the cluster kernel's block size too (the sweep's knob)
-                threads = 32 * num_warps if num_warps else cluster.THREADS
                 cluster.loss_grad_(zs, zt, loss_out, kind=kind, beta=beta, scale2=LOG2E / temperature,
-                                   grad_scale=grad_scale / temperature, threads=threads)
+                                   grad_scale=grad_scale / temperature, build=build)
                 return None
             except RuntimeError as exc:  # NVRTC or the driver refused: the Triton kernel from now on
                 warnings.warn(f"cluster single-pass kernel unavailable, using the Triton kernel: {exc}", stacklevel=2)
@@ -1159,10 +1187,12 @@ def single_pass_loss_grad_(
 __all__ = [
     "LN2",
     "LOG2E",
+    "CLUSTER_BUILDS",
     "KERNEL_CONFIG",
     "N_STATS",
     "SP_DEFAULTS",
     "SP_VARIANTS",
+    "cluster_build",
     "combine_stats",
     "default_split",
     "jsd_grad_",
