@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # On a lent GPU (carry .whl): builds of the cluster single-pass kernel side by side
 # (benchmarks/cluster_probe.py, NOTES_loss_kernel.md iteration 16): the cluster GPU tests, the
-# checked and interleaved timings of each build against the Triton single pass, Nsight Compute's
-# scheduler / warp-state sections for two builds, then case 1 end to end with the fastest build
-# per kind group (MEGATRON_DISTILL_CLUSTER_BUILD) as the cluster rows. Logs and results in $OUT.
+# checked and interleaved timings of each build against the Triton single pass, case 1 end to end
+# with the fastest build per kind group (MEGATRON_DISTILL_CLUSTER_BUILD) as the cluster rows, all
+# GPU tests with those builds as the single pass where they beat it, and Nsight Compute on c8t256.
+# Logs and results in $OUT.
 source benchmarks/device_setup.sh
 nvidia-smi --query-gpu=name,driver_version,power.limit,clocks.max.sm --format=csv,noheader
 python -c "import torch,triton;print(torch.__version__, torch.version.cuda, triton.__version__)"
@@ -11,15 +12,6 @@ timeout 150 python -m pytest tests/gpu/test_fused_gpu.py -q -x -k "cluster" > $O
 BUILDS=${BUILDS:-"c8t512 c8t256 c8t256o c8t256or c8t256ou2 c8t256s1m2 c8t512s1m2 c16t256m2 c16t256m2o c16t256m2or c16t512m2 c16t256s1m4 c16t128s1m4"}
 timeout 300 python benchmarks/cluster_probe.py --builds $BUILDS --vocab 151936 128256 --rounds 5 --out $OUT > $OUT/probe.log 2>&1
 grep -E "^check" $OUT/probe.log | grep -v "'ok': True" | cut -c1-250; sed -n '/^kind /,$p' $OUT/probe.log
-NCU=$(command -v ncu || ls /usr/local/cuda*/bin/ncu 2>/dev/null | head -1)
-for b in ${NCU_BUILDS:-c8t256 c16t256m2or}; do
-  [ -n "$NCU" ] || { echo "no ncu"; break; }
-  timeout 90 $NCU -k distill_cluster_single_pass --launch-skip 1 --launch-count 1 \
-    --section SpeedOfLight --section SchedulerStats --section WarpStateStats --section Occupancy --section LaunchStats \
-    python benchmarks/cluster_probe.py --builds $b --kinds forward_kl --profile > $OUT/ncu_$b.log 2>&1
-  echo "== ncu $b"; grep -E "Duration|DRAM Throughput|Issue Slots Busy|Warp Cycles Per Issued|Achieved Occupancy|Theoretical Occupancy|Eligible Warps|Registers Per|Cluster Size|Waves" $OUT/ncu_$b.log | sed 's/  */ /g' | head -14
-  grep -E "stalled|spends" $OUT/ncu_$b.log | cut -c1-400 | head -3
-done
 SEL=$(python - "$OUT" <<'PY'
 import json, pathlib, sys
 rows = json.loads(next(pathlib.Path(sys.argv[1]).glob("cluster_probe_*.json")).read_text())["timings"]
@@ -28,8 +20,24 @@ for r in rows:
     if r["vocab"] == 151936 and r["build"] != "reread":
         g = "jsd" if r["kind"] == "jsd" else "kl"
         best[g] = min(best.get(g, (1e9, "")), (r["ms"], r["build"]))
-print(",".join(f"{g}:{b}" for g, (_, b) in sorted(best.items())))
+base = {("jsd" if r["kind"] == "jsd" else "kl"): r["ms"] for r in rows if r["vocab"] == 151936 and r["build"] == "reread"}
+faster = all(best[g][0] < base[g] for g in best)
+print(",".join(f"{g}:{b}" for g, (_, b) in sorted(best.items())), "faster" if faster else "slower")
+
 PY
 )
-echo "fastest builds: $SEL"
+echo "fastest builds: $SEL"; SPEED=${SEL#* }; SEL=${SEL% *}
 MEGATRON_DISTILL_CLUSTER_BUILD=$SEL timeout 200 python benchmarks/loss_kernel.py --cases T8k_V152k --sweep --interleave 10 --no-reference --no-liger --tag cluster_e2e_best --out $OUT > $OUT/e2e_best.log 2>&1; grep -E "^\| (fused|floor)" $OUT/e2e_best.log | cut -c1-200
+# where the fastest builds beat the Triton single pass: every GPU test with them as the single pass
+if [ "$SPEED" = faster ]; then
+  MEGATRON_DISTILL_SP_VARIANT=cluster MEGATRON_DISTILL_CLUSTER_BUILD=$SEL timeout 200 python -m pytest tests/gpu -q > $OUT/gpu_tests_all_cluster.log 2>&1; tail -2 $OUT/gpu_tests_all_cluster.log
+fi
+NCU=$(command -v ncu || ls /usr/local/cuda*/bin/ncu 2>/dev/null | head -1)
+for b in ${NCU_BUILDS:-c8t256}; do
+  [ -n "$NCU" ] || { echo "no ncu"; break; }
+  timeout 90 $NCU -k distill_cluster_single_pass --launch-skip 1 --launch-count 1 \
+    --section SpeedOfLight --section SchedulerStats --section WarpStateStats --section Occupancy --section LaunchStats \
+    python benchmarks/cluster_probe.py --builds $b --kinds forward_kl --profile > $OUT/ncu_$b.log 2>&1
+  echo "== ncu $b"; grep -E "Duration|DRAM Throughput|Issue Slots Busy|Warp Cycles Per Issued|Achieved Occupancy|Theoretical Occupancy|Eligible Warps|Registers Per|Cluster Size|Waves" $OUT/ncu_$b.log | sed 's/  */ /g' | head -14
+  grep -E "stalled|spends" $OUT/ncu_$b.log | cut -c1-400 | head -3
+done

@@ -167,6 +167,9 @@ def test_cluster_kernel_geometry_and_switch(monkeypatch):
     monkeypatch.setitem(ew.KERNEL_CONFIG, "cluster_build", "kl=c8t256")
     with pytest.raises(ValueError, match="MEGATRON_DISTILL_CLUSTER_BUILD"):
         ew.cluster_build("jsd")
+    monkeypatch.setitem(ew.KERNEL_CONFIG, "sp_variant", "clusters")
+    with pytest.raises(ValueError, match="MEGATRON_DISTILL_SP_VARIANT"):
+        ew._variant(None, "jsd")
     name = "MEGATRON_DISTILL_CLUSTER_KERNEL"  # read into KERNEL_CONFIG["cluster_kernel"]
     monkeypatch.setenv(name, "0")
     assert ew._env_flag(name, default=True) is False

@@ -91,7 +91,8 @@ KERNEL_CONFIG = dict(
     # every kind ("c16t256m2or") or per kind group ("kl:c8t512,jsd:c16t256m2or"); None = the
     # CLUSTER_BUILDS defaults; $MEGATRON_DISTILL_CLUSTER_BUILD sets it
     cluster_build=os.environ.get("MEGATRON_DISTILL_CLUSTER_BUILD") or None,
-    sp_variant=None,
+    # sp_variant: one of SP_VARIANTS for every kind ($MEGATRON_DISTILL_SP_VARIANT), None = SP_DEFAULTS
+    sp_variant=os.environ.get("MEGATRON_DISTILL_SP_VARIANT") or None,
     sp_block_v=None,
     sp_num_warps=None,
     sp_num_stages=None,
@@ -798,7 +799,8 @@ def _cluster_runs(device: torch.device) -> bool:
 def _variant(variant: str | None, kind: str) -> str:
     variant = variant or _sp_setting("variant", kind)
     if variant not in SP_VARIANTS:
-        raise ValueError(f"single-pass variant must be one of {SP_VARIANTS}, got {variant!r}")
+        raise ValueError(f"single-pass variant (KERNEL_CONFIG['sp_variant'] / $MEGATRON_DISTILL_SP_VARIANT) must "
+                         f"be one of {SP_VARIANTS}, got {variant!r}")
     return variant
 
 
