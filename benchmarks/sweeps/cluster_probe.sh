@@ -2,8 +2,8 @@
 # On a lent GPU (carry .whl): builds of the cluster single-pass kernel side by side
 # (benchmarks/cluster_probe.py, NOTES_loss_kernel.md iteration 16): the cluster GPU tests, the
 # checked and interleaved timings of each build against the Triton single pass, case 1 end to end
-# with the fastest build per kind group (MEGATRON_DISTILL_CLUSTER_BUILD) as the cluster rows, all
-# GPU tests with those builds as the single pass where they beat it, and Nsight Compute on c8t256.
+# with the fastest build per kind group (MEGATRON_DISTILL_CLUSTER_BUILD) as the cluster rows, the
+# fused-loss GPU tests with those builds as the single pass where they beat it, and Nsight Compute on c8t256.
 # Logs and results in $OUT.
 source benchmarks/device_setup.sh
 nvidia-smi --query-gpu=name,driver_version,power.limit,clocks.max.sm --format=csv,noheader
@@ -28,14 +28,14 @@ PY
 )
 echo "fastest builds: $SEL"; SPEED=${SEL#* }; SEL=${SEL% *}
 MEGATRON_DISTILL_CLUSTER_BUILD=$SEL timeout 200 python benchmarks/loss_kernel.py --cases T8k_V152k --sweep --interleave 10 --no-reference --no-liger --tag cluster_e2e_best --out $OUT > $OUT/e2e_best.log 2>&1; grep -E "^\| (fused|floor)" $OUT/e2e_best.log | cut -c1-200
-# where the fastest builds beat the Triton single pass: every GPU test with them as the single pass
+# where the fastest builds beat the Triton single pass: the fused-loss GPU tests with them as the single pass
 if [ "$SPEED" = faster ]; then
-  MEGATRON_DISTILL_SP_VARIANT=cluster MEGATRON_DISTILL_CLUSTER_BUILD=$SEL timeout 200 python -m pytest tests/gpu -q > $OUT/gpu_tests_all_cluster.log 2>&1; tail -2 $OUT/gpu_tests_all_cluster.log
+  MEGATRON_DISTILL_SP_VARIANT=cluster MEGATRON_DISTILL_CLUSTER_BUILD=$SEL timeout 150 python -m pytest tests/gpu/test_fused_gpu.py -q > $OUT/gpu_tests_all_cluster.log 2>&1; tail -2 $OUT/gpu_tests_all_cluster.log
 fi
 NCU=$(command -v ncu || ls /usr/local/cuda*/bin/ncu 2>/dev/null | head -1)
 for b in ${NCU_BUILDS:-c8t256}; do
   [ -n "$NCU" ] || { echo "no ncu"; break; }
-  timeout 90 $NCU -k distill_cluster_single_pass --launch-skip 1 --launch-count 1 \
+  timeout 60 $NCU -k distill_cluster_single_pass --launch-skip 1 --launch-count 1 \
     --section SpeedOfLight --section SchedulerStats --section WarpStateStats --section Occupancy --section LaunchStats \
     python benchmarks/cluster_probe.py --builds $b --kinds forward_kl --profile > $OUT/ncu_$b.log 2>&1
   echo "== ncu $b"; grep -E "Duration|DRAM Throughput|Issue Slots Busy|Warp Cycles Per Issued|Achieved Occupancy|Theoretical Occupancy|Eligible Warps|Registers Per|Cluster Size|Waves" $OUT/ncu_$b.log | sed 's/  */ /g' | head -14
