@@ -88,9 +88,9 @@ KERNEL_SWEEP = [
 ]
 # (variant, block_v, num_warps, num_stages, programs_per_sm, segments): --kernel-sweep, single pass.
 SP_SWEEP = [
-    # cluster_single_pass.cu: num_warps sets its block size (default 16 warps), nothing else applies
+    # cluster_single_pass.cu: num_warps sets its block size (default 8 warps), nothing else applies
     ("cluster", None, None, None, None, None),
-    ("cluster", None, 8, None, None, None),
+    ("cluster", None, 16, None, None, None),
     ("reread", 2048, 4, 3, 4, 16),
     ("reread", 1024, 4, 3, 8, 16),
     ("pipelined", 1024, 4, 3, 6, 24),

@@ -156,7 +156,7 @@ def test_cluster_kernel_geometry_and_switch(monkeypatch):
     # the per-kind setting picks each kind's build
     for name in ("c8t512", "c16t256m2or", "c8t256s1m2ou2", "c4t128o"):
         assert cluster.parse_build(name).name == name
-    assert cluster.parse_build("c8t512") == cluster.DEFAULT_BUILD
+    assert cluster.parse_build("c8t256") == cluster.DEFAULT_BUILD
     assert cluster.shared_bytes(151936, cluster.parse_build("c16t256s1m4")) * 4 <= 227 * 1024
     for bad in ("c32t256", "c8t100", "c8t512s3", "cluster"):
         with pytest.raises(ValueError, match="cluster kernel build"):

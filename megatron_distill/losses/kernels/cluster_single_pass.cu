@@ -21,7 +21,7 @@
 #define CLUSTER 8
 #endif
 #ifndef THREADS
-#define THREADS 512
+#define THREADS 256
 #endif
 #ifndef KIND
 #define KIND 0
