@@ -1,9 +1,9 @@
 """Builds of the cluster single-pass kernel (cluster_single_pass.cu) side by side on one GPU.
 
-Each build is named like ``c16t256s2m2o``: cluster size (blocks per row), threads per block,
-row stages in shared memory (s, default 2), blocks per multiprocessor the registers must allow
-(m, default 1), ``o`` for the one-pass online statistics, ``r`` for block reductions with
-one barrier each, ``u2`` for two vectors per loop
+Builds are named as ``cluster_single_pass.parse_build`` reads them, e.g. ``c16t256m2or``: cluster
+size (blocks per row), threads per block, row stages in shared memory (s, default 2), blocks per
+multiprocessor the registers must allow (m, default 1), ``o`` for the one-pass online
+statistics, ``r`` for block reductions with one barrier each, ``u2`` for two vectors per loop
 iteration. Every build is first checked against the multi-pass Triton kernels on fresh random
 logits (loss partial sums rtol 1e-5, dz within one bf16 rounding), then all builds and the
 Triton single pass ("reread", its defaults) are timed in shuffled interleaved rounds. As in
@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from loss_kernel import LAUNCHES, environment, timed  # noqa: E402
+from loss_kernel import LAUNCHES, environment, multi_pass_step, timed  # noqa: E402
 
 from megatron_distill.losses.kernels import cluster_single_pass as cluster  # noqa: E402
 from megatron_distill.losses.kernels import distill_elementwise as ew  # noqa: E402
@@ -47,12 +47,7 @@ def check(build: cluster.Build, kind: str, rows: int, v: int, seed: int) -> dict
     cluster.loss_grad_(a, zt, loss_a, kind=kind, beta=0.3, scale2=ew.LOG2E / 1.3, grad_scale=0.01 / 1.3, build=build)
     split = ew.default_split(rows, v, b.device)
     loss_b = torch.empty(split, rows, device="cuda")
-    stats = ew.row_stats(b, zt, 1.3, kind == "reverse_kl", split=split)
-    if kind == "jsd":
-        kl = ew.jsd_row_sums(b, zt, stats, loss_b, beta=0.3, temperature=1.3)
-        ew.jsd_grad_(b, zt, stats, kl, beta=0.3, temperature=1.3, grad_scale=0.01, split=split)
-    else:
-        ew.kl_loss_grad_(b, zt, stats, loss_b, reverse=kind == "reverse_kl", temperature=1.3, grad_scale=0.01)
+    multi_pass_step(b, zt, loss_b, kind, split, beta=0.3, temperature=1.3, grad_scale=0.01)
     la, lb = loss_a.sum(0), loss_b.sum(0)
     loss_err = ((la - lb).abs() - 1e-5 * lb.abs()).max().item()  # as assert_close(rtol=1e-5, atol=1e-6)
     ok = bool(torch.isfinite(la).all()) and loss_err <= 1e-6 and _rel(a, b) <= 8e-3

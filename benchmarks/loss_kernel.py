@@ -380,15 +380,17 @@ def kernel_sweep(v: int, rows: int = 512):
     return out
 
 
-def multi_pass_step(zs: torch.Tensor, zt: torch.Tensor, loss: torch.Tensor, kind: str, split: int) -> None:
-    """The multi-pass element-wise kernels on one chunk (TP=1, beta 0.5, T 1): statistics, then the
-    loss partials into ``loss`` ``[split, rows]`` and dz over ``zs`` ``[rows, V]``."""
-    stats = ew.row_stats(zs, zt, 1.0, False, split=split)
+def multi_pass_step(zs: torch.Tensor, zt: torch.Tensor, loss: torch.Tensor, kind: str, split: int, *,
+                    beta: float = 0.5, temperature: float = 1.0, grad_scale: float = 1e-4) -> None:
+    """The multi-pass element-wise kernels on one chunk (TP=1): statistics, then the loss
+    partials into ``loss`` ``[split, rows]`` and dz over ``zs`` ``[rows, V]``."""
+    reverse = kind == "reverse_kl"
+    stats = ew.row_stats(zs, zt, temperature, reverse, split=split)
     if kind == "jsd":
-        kl = ew.jsd_row_sums(zs, zt, stats, loss, beta=0.5, temperature=1.0)
-        ew.jsd_grad_(zs, zt, stats, kl, beta=0.5, temperature=1.0, grad_scale=1e-4, split=split)
+        kl = ew.jsd_row_sums(zs, zt, stats, loss, beta=beta, temperature=temperature)
+        ew.jsd_grad_(zs, zt, stats, kl, beta=beta, temperature=temperature, grad_scale=grad_scale, split=split)
     else:
-        ew.kl_loss_grad_(zs, zt, stats, loss, reverse=False, temperature=1.0, grad_scale=1e-4)
+        ew.kl_loss_grad_(zs, zt, stats, loss, reverse=reverse, temperature=temperature, grad_scale=grad_scale)
 
 
 def sp_kernel_sweep(v: int, rows: int):

@@ -76,6 +76,12 @@ __device__ __forceinline__ unsigned pack2(float lo, float hi) {
     return r;
 }
 
+// The factor 2^((m_part - m) c) that moves sums relative to the maximum m_part to the maximum
+// m >= m_part; 0 for an empty part (m_part = -inf), which weighs nothing.
+__device__ __forceinline__ float rescale(float m_part, float m, float scale2) {
+    return m_part == NEG_INF ? 0.0f : ex2((m_part - m) * scale2);
+}
+
 // Vector i (8 elements) of both rows' segments in shared memory, as fp32.
 __device__ __forceinline__ void load_pair(const uint4* vs, const uint4* vt, int i, float* s, float* t) {
     unpack8(vs[i], s);
@@ -124,7 +130,7 @@ __device__ __forceinline__ float peer_load(const float* p, unsigned rank) {
     return v;
 }
 
-// Sum (MAX false) or maximum (MAX true) of two values, and the identity of that reduction.
+// Sum (MAX false) or maximum (MAX true) of two values.
 template <bool MAX>
 __device__ __forceinline__ float combine(float a, float b) {
     return MAX ? fmaxf(a, b) : a + b;
@@ -174,7 +180,7 @@ extern "C" __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(THR
     // teacher) x seg_len bf16.
     extern __shared__ __align__(16) unsigned char smem_raw[];
     __shared__ Partials parts[2][2];  // [meeting: stats, JSD sums][row parity p]
-    __shared__ float scratch_bufs[2][6 * WARPS];
+    __shared__ float scratch_bufs[FASTRED ? 2 : 1][6 * WARPS];
     int n_reductions = 0;  // the same sequence in every thread
     auto scratch_next = [&]() { return scratch_bufs[FASTRED ? (n_reductions++ & 1) : 0]; };
 
@@ -234,8 +240,7 @@ extern "C" __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(THR
                 gt = fmaxf(gt, t[j]);
             }
             const float ns = fmaxf(mx[0], gs), nt = fmaxf(mx[1], gt);
-            const float rs = mx[0] == NEG_INF ? 0.0f : ex2((mx[0] - ns) * scale2);
-            const float rt = mx[1] == NEG_INF ? 0.0f : ex2((mx[1] - nt) * scale2);
+            const float rs = rescale(mx[0], ns, scale2), rt = rescale(mx[1], nt, scale2);
             const float bs = ns == NEG_INF ? 0.0f : ns, bt = nt == NEG_INF ? 0.0f : nt;  // -inf logits weigh 0
             run[0] *= rs;
             run[1] *= rt;
@@ -252,8 +257,7 @@ extern "C" __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(THR
         }
         const float own_s = mx[0], own_t = mx[1];
         block_reduce<2, true>(mx, scratch_next());
-        const float ws = own_s == NEG_INF ? 0.0f : ex2((own_s - mx[0]) * scale2);
-        const float wt = own_t == NEG_INF ? 0.0f : ex2((own_t - mx[1]) * scale2);
+        const float ws = rescale(own_s, mx[0], scale2), wt = rescale(own_t, mx[1], scale2);
         float sums[3] = {run[0] * ws, run[1] * wt, run[2] * ws};
         block_reduce<3, false>(sums, scratch_next());
 #else
@@ -303,9 +307,7 @@ extern "C" __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(THR
         float l_s = 0.0f, l_t = 0.0f, a = 0.0f;
 #pragma unroll
         for (int r = 0; r < CLUSTER; ++r) {
-            // empty segments (-inf maxima) weigh nothing
-            const float ws = pm_s[r] == NEG_INF ? 0.0f : ex2((pm_s[r] - m_s) * scale2);
-            const float wt = pm_t[r] == NEG_INF ? 0.0f : ex2((pm_t[r] - m_t) * scale2);
+            const float ws = rescale(pm_s[r], m_s, scale2), wt = rescale(pm_t[r], m_t, scale2);
             l_s += ws * peer_load(&parts[0][p].l_s, r);
             l_t += wt * peer_load(&parts[0][p].l_t, r);
             if (KIND == 1) a += ws * peer_load(&parts[0][p].a, r);

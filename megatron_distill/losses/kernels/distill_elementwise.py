@@ -41,6 +41,7 @@ same quantities, used where Triton cannot run and as the kernels' reference in t
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import warnings
 
@@ -773,7 +774,13 @@ def cluster_build(kind: str, num_warps: int | None = None) -> cluster.Build:
     """The cluster kernel's build for ``kind``: KERNEL_CONFIG["cluster_build"] (one name, or
     "kl:<name>,jsd:<name>") or else ``CLUSTER_BUILDS``; ``num_warps`` sets its block size."""
     group = "jsd" if kind == "jsd" else "kl"
-    setting = KERNEL_CONFIG.get("cluster_build") or CLUSTER_BUILDS[group]
+    build = _parse_cluster_setting(KERNEL_CONFIG.get("cluster_build") or CLUSTER_BUILDS[group], group)
+    return dataclasses.replace(build, threads=32 * num_warps) if num_warps else build
+
+
+@functools.lru_cache(maxsize=16)
+def _parse_cluster_setting(setting: str, group: str) -> cluster.Build:
+    # cached: every single-pass call asks, and the setting rarely changes
     where = f"KERNEL_CONFIG['cluster_build'] / $MEGATRON_DISTILL_CLUSTER_BUILD = {setting!r}"
     name = setting
     if ":" in setting:
@@ -788,7 +795,7 @@ def cluster_build(kind: str, num_warps: int | None = None) -> cluster.Build:
         build = cluster.parse_build(name)
     except ValueError as exc:
         raise ValueError(f"{where}: {exc}") from None
-    return dataclasses.replace(build, threads=32 * num_warps) if num_warps else build
+    return build
 
 
 def _cluster_runs(device: torch.device) -> bool:
