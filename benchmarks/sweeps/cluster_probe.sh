@@ -10,7 +10,7 @@ nvidia-smi --query-gpu=name,driver_version,power.limit,clocks.max.sm --format=cs
 python -c "import torch,triton;print(torch.__version__, torch.version.cuda, triton.__version__)"
 timeout 150 python -m pytest tests/gpu/test_fused_gpu.py -q -x -k "cluster" > $OUT/gpu_tests_cluster.log 2>&1; tail -2 $OUT/gpu_tests_cluster.log
 BUILDS=${BUILDS:-"c8t512 c8t256 c8t256o c8t256or c8t256ou2 c8t256s1m2 c8t512s1m2 c16t256m2 c16t256m2o c16t256m2or c16t512m2 c16t256s1m4 c16t128s1m4"}
-timeout 300 python benchmarks/cluster_probe.py --builds $BUILDS --vocab 151936 128256 --rounds 5 --out $OUT > $OUT/probe.log 2>&1
+timeout 300 python benchmarks/cluster_probe.py --builds $BUILDS --vocab ${VOCABS:-151936 128256} --rounds 5 --out $OUT > $OUT/probe.log 2>&1
 grep -E "^check" $OUT/probe.log | grep -v "'ok': True" | cut -c1-250; sed -n '/^kind /,$p' $OUT/probe.log
 SEL=$(python - "$OUT" <<'PY'
 import json, pathlib, sys
