@@ -148,7 +148,12 @@ def test_cluster_kernel_geometry_and_switch(monkeypatch):
     for v in (72, 5008, 128256, 151936):
         seg = cluster.seg_len(v)
         assert seg % 8 == 0 and seg * cluster.CLUSTER >= v and (seg - 8) * cluster.CLUSTER < v
-    assert cluster.shared_bytes(151936) == 151936 * 2 * 2 / cluster.CLUSTER * 2 <= 227 * 1024
+    two_stages = cluster.parse_build("c8t256")
+    assert cluster.shared_bytes(151936, two_stages) == 151936 * 2 * 2 / cluster.CLUSTER * 2 <= 227 * 1024
+    # the default builds keep one row stage: three blocks of 76 KB fit a multiprocessor's 228 KB
+    for group in ("kl", "jsd"):
+        build = cluster.parse_build(ew.CLUSTER_BUILDS[group])
+        assert 3 * (cluster.shared_bytes(151936, build) + 1024) <= 228 * 1024
     zs = torch.zeros(4, 4096, dtype=torch.bfloat16)
     assert not cluster.usable(zs, zs)
     assert ew.single_pass_split(4096, torch.device("cpu"), kind="jsd", variant="cluster") == 1
@@ -156,7 +161,7 @@ def test_cluster_kernel_geometry_and_switch(monkeypatch):
     # the per-kind setting picks each kind's build
     for name in ("c8t512", "c16t256m2or", "c8t256s1m2ou2", "c4t128o"):
         assert cluster.parse_build(name).name == name
-    assert cluster.parse_build("c8t256") == cluster.DEFAULT_BUILD
+    assert cluster.parse_build("c8t256s1m2") == cluster.DEFAULT_BUILD
     assert cluster.shared_bytes(151936, cluster.parse_build("c16t256s1m4")) * 4 <= 227 * 1024
     for bad in ("c32t256", "c8t100", "c8t512s3", "cluster"):
         with pytest.raises(ValueError, match="cluster kernel build"):

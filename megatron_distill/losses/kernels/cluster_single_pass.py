@@ -61,13 +61,13 @@ class Build:
                     ONLINE=int(self.online), FASTRED=int(self.fast_reduce), UNROLL=self.unroll)
 
 
-DEFAULT_BUILD = Build()
+DEFAULT_BUILD = Build(stages=1, min_blocks=2)  # c8t256s1m2: the KL kinds' default (NOTES_loss_kernel.md, iteration 17)
 _BUILD_NAME = re.compile(r"c(\d+)t(\d+)(?:s([12]))?(?:m(\d))?(o)?(r)?(?:u(\d))?")
 
 
 def parse_build(name: str) -> Build:
     """``Build`` from a name of the form ``c<cluster>t<threads>[s<stages>][m<blocks>][o][r][u<n>]``,
-    e.g. "c8t256" (the default) or "c16t256m2or"."""
+    e.g. "c8t256s1m2" (``DEFAULT_BUILD``) or "c16t256m2or"."""
     m = _BUILD_NAME.fullmatch(name.strip())
     build = None
     if m is not None:

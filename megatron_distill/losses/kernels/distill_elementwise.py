@@ -107,9 +107,12 @@ KERNEL_CONFIG = dict(
 # chunk, 10 back-to-back launches): KL 0.434 ms with these settings (multi-pass 0.539), JSD
 # 0.652 ms (multi-pass 0.801); the pipelined kernel was slower for both (0.485 / 0.724 at best:
 # its second read of a segment misses L2 about twice as often).
+# Since iteration 17 the default variant is "cluster" (0.88x / 0.90x the time of "reread" per
+# 512 x 151936 chunk, same runs); the Triton settings below serve its fallback ("reread") and the
+# explicit "reread" / "pipelined" variants.
 SP_DEFAULTS = {
-    "kl": dict(variant="reread", block_v=2048, num_warps=4, num_stages=3, programs_per_sm=4, segments=16),
-    "jsd": dict(variant="reread", block_v=1024, num_warps=4, num_stages=3, programs_per_sm=8, segments=16),
+    "kl": dict(variant="cluster", block_v=2048, num_warps=4, num_stages=3, programs_per_sm=4, segments=16),
+    "jsd": dict(variant="cluster", block_v=1024, num_warps=4, num_stages=3, programs_per_sm=8, segments=16),
 }
 # single_pass_loss_grad_'s kernels: "cluster" (cluster_single_pass.cu, bf16 on sm_90+; elsewhere
 # it falls back to "reread") holds a row in the shared memory of a thread-block cluster,
@@ -118,7 +121,9 @@ SP_DEFAULTS = {
 # program's segment in registers with no re-read, was 1.5-1.8x slower than "reread": per row a
 # program waits ~5 us on its peers with too few bytes in flight; NOTES_loss_kernel.md, iteration 6.)
 SP_VARIANTS = ("cluster", "reread", "pipelined")
-CLUSTER_BUILDS = {"kl": "c8t256", "jsd": "c8t256"}  # measured: NOTES_loss_kernel.md, iteration 15
+# one row stage per block, so three blocks (of different clusters) share a multiprocessor and fill
+# each other's barrier gaps: the fastest of 23 builds on an H100 (NOTES_loss_kernel.md, iteration 17)
+CLUSTER_BUILDS = {"kl": "c8t256s1m2", "jsd": "c8t128s1m2"}
 _INTERPRET_BLOCK_V = 1024  # the interpreter runs one numpy op per statement: wide is faster
 _GROUP = 8  # running maxima per 8 consecutive elements: one 16-byte bf16 vector per thread
 
