@@ -70,6 +70,7 @@ SWEEP = {
         (None, None, _CLUSTER),
         (None, None, _MULTI),
         (1024, 1024, _SINGLE),  # equal halves of the automatic buffers (the single pass's plan before iteration 14)
+        (1536, 768, {}),  # half again the teacher sub-chunk: Liger's memory (1.264 GiB), not less
         (4096, 4096, {}),
     ],
     "T16k_V128k": [
