@@ -82,6 +82,23 @@ __device__ __forceinline__ float rescale(float m_part, float m, float scale2) {
     return m_part == NEG_INF ? 0.0f : ex2((m_part - m) * scale2);
 }
 
+// A segment maximum as the base of exp2: an all -inf segment (every logit weighs 0) takes 0, so
+// that no (-inf) - (-inf) appears.
+__device__ __forceinline__ float exp_base(float m) { return m == NEG_INF ? 0.0f : m; }
+
+// Adds one vector's sums of 2^((z - base) c) of both rows to acc[0..1] and, for reverse KL, the
+// cross term sum 2^((s - base_s) c) (s - t) c to acc[2].
+__device__ __forceinline__ void add_exp_sums(const float* s, const float* t, float base_s, float base_t,
+                                             float scale2, float* acc) {
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+        const float es = ex2((s[j] - base_s) * scale2);
+        acc[0] += es;
+        acc[1] += ex2((t[j] - base_t) * scale2);
+        if (KIND == 1) acc[2] += es * (s[j] - t[j]) * scale2;
+    }
+}
+
 // Vector i (8 elements) of both rows' segments in shared memory, as fp32.
 __device__ __forceinline__ void load_pair(const uint4* vs, const uint4* vt, int i, float* s, float* t) {
     unpack8(vs[i], s);
@@ -241,17 +258,10 @@ extern "C" __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(THR
             }
             const float ns = fmaxf(mx[0], gs), nt = fmaxf(mx[1], gt);
             const float rs = rescale(mx[0], ns, scale2), rt = rescale(mx[1], nt, scale2);
-            const float bs = ns == NEG_INF ? 0.0f : ns, bt = nt == NEG_INF ? 0.0f : nt;  // -inf logits weigh 0
             run[0] *= rs;
             run[1] *= rt;
             if (KIND == 1) run[2] *= rs;
-#pragma unroll
-            for (int j = 0; j < 8; ++j) {
-                const float es = ex2((s[j] - bs) * scale2);
-                run[0] += es;
-                run[1] += ex2((t[j] - bt) * scale2);
-                if (KIND == 1) run[2] += es * (s[j] - t[j]) * scale2;
-            }
+            add_exp_sums(s, t, exp_base(ns), exp_base(nt), scale2, run);
             mx[0] = ns;
             mx[1] = nt;
         }
@@ -273,19 +283,13 @@ extern "C" __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(THR
             }
         }
         block_reduce<2, true>(mx, scratch_next());
-        const float ms_loc = mx[0] == NEG_INF ? 0.0f : mx[0], mt_loc = mx[1] == NEG_INF ? 0.0f : mx[1];
+        const float ms_loc = exp_base(mx[0]), mt_loc = exp_base(mx[1]);
         float sums[3] = {0.0f, 0.0f, 0.0f};
 #pragma unroll kUnroll
         for (int i = threadIdx.x; i < n_vec; i += THREADS) {
             float s[8], t[8];
             load_pair(vs, vt, i, s, t);
-#pragma unroll
-            for (int j = 0; j < 8; ++j) {
-                const float es = ex2((s[j] - ms_loc) * scale2);
-                sums[0] += es;
-                sums[1] += ex2((t[j] - mt_loc) * scale2);
-                if (KIND == 1) sums[2] += es * (s[j] - t[j]) * scale2;
-            }
+            add_exp_sums(s, t, ms_loc, mt_loc, scale2, sums);
         }
         block_reduce<3, false>(sums, scratch_next());
 #endif
