@@ -558,6 +558,10 @@ def run_case(name, case, args, group, tp, rank):
                     f" {k}={v}" for k, v in kernel.items()
                 )
                 timed_here.append((label, fused(kind, **kw), dict(extra, **kw, kernel=kernel), kernel))
+        for setting in args.cluster_builds if tp == 1 else ():
+            kernel = dict(_CLUSTER, cluster_build=setting)
+            label = f"fused {kind} cluster_build={setting}"
+            timed_here.append((label, fused(kind), dict(extra, kernel=kernel), kernel))
     if args.breakdown and tp == 1:
         # where each method's time goes: GEMMs, Triton kernels, other kernels, GPU idle
         res["breakdown"] = {}
@@ -698,6 +702,9 @@ def main() -> None:
     p.add_argument("--sweep", action="store_true", help="also time fixed chunking configurations")
     p.add_argument("--interleave", type=int, default=0, metavar="ROUNDS",
                    help="time the floor and fused variants in ROUNDS interleaved rounds instead of one after another")
+    p.add_argument("--cluster-builds", nargs="+", default=[], metavar="BUILD",
+                   help="also time the automatic chunking with the cluster kernel in these builds (TP=1; "
+                        "cluster_single_pass.parse_build names, or kl:<name>,jsd:<name>)")
     p.add_argument("--breakdown", action="store_true",
                    help="profile one call of each timed method: GEMM / Triton / other kernel time and GPU idle")
     p.add_argument("--kernel-sweep", action="store_true", help="single-pass kernel configurations vs multi-pass")

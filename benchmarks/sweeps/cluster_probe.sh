@@ -2,7 +2,7 @@
 # On a lent GPU (carry .whl): builds of the cluster single-pass kernel side by side
 # (benchmarks/cluster_probe.py, NOTES_loss_kernel.md iteration 16): the cluster GPU tests, the
 # checked and interleaved timings of each build against the Triton single pass, case 1 end to end
-# with the fastest build per kind group (MEGATRON_DISTILL_CLUSTER_BUILD) as the cluster rows, the
+# with the fastest build per kind group against the committed defaults (loss_kernel.py --cluster-builds), the
 # fused-loss GPU tests with those builds as the single pass where they beat it, and Nsight Compute on c8t256.
 # Logs and results in $OUT.
 source benchmarks/device_setup.sh
@@ -27,13 +27,14 @@ print(",".join(f"{g}:{b}" for g, (_, b) in sorted(best.items())), "faster" if fa
 PY
 )
 echo "fastest builds: $SEL"; SPEED=${SEL#* }; SEL=${SEL% *}
-MEGATRON_DISTILL_CLUSTER_BUILD=$SEL timeout 200 python benchmarks/loss_kernel.py --cases T8k_V152k --sweep --interleave 10 --no-reference --no-liger --tag cluster_e2e_best --out $OUT > $OUT/e2e_best.log 2>&1; grep -E "^\| (fused|floor)" $OUT/e2e_best.log | cut -c1-200
+# the fastest builds against the committed defaults (the plain "fused" rows), in the same shuffled rounds
+timeout 200 python benchmarks/loss_kernel.py --cases ${E2E_CASES:-T8k_V152k} --interleave ${E2E_ROUNDS:-16} --no-reference --no-liger --cluster-builds $SEL --tag cluster_e2e_best --out $OUT > $OUT/e2e_best.log 2>&1; grep -E "^\| (fused|floor)" $OUT/e2e_best.log | cut -c1-200
 # where the fastest builds beat the Triton single pass: the fused-loss GPU tests with them as the single pass
-if [ "$SPEED" = faster ]; then
+if [ "$SPEED" = faster ] && [ "${ALL_TESTS:-1}" = 1 ]; then
   MEGATRON_DISTILL_SP_VARIANT=cluster MEGATRON_DISTILL_CLUSTER_BUILD=$SEL timeout 150 python -m pytest tests/gpu/test_fused_gpu.py -q > $OUT/gpu_tests_all_cluster.log 2>&1; tail -2 $OUT/gpu_tests_all_cluster.log
 fi
 NCU=$(command -v ncu || ls /usr/local/cuda*/bin/ncu 2>/dev/null | head -1)
-for b in ${NCU_BUILDS:-c8t256}; do
+for b in ${NCU_BUILDS-c8t256}; do
   [ -n "$NCU" ] || { echo "no ncu"; break; }
   timeout 60 $NCU -k distill_cluster_single_pass --launch-skip 1 --launch-count 1 \
     --section SpeedOfLight --section SchedulerStats --section WarpStateStats --section Occupancy --section LaunchStats \

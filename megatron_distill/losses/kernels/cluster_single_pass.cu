@@ -14,8 +14,13 @@
 // MINBLOCKS (blocks per multiprocessor the registers must allow), ONLINE (1: each thread keeps a
 // running maximum and sum-exp, one pass over shared memory for the segment's statistics instead
 // of two), UNROLL (vectors per loop iteration), FASTRED (1: block reductions alternate between two
-// scratch buffers, one __syncthreads each instead of two). Logarithms are base 2 inside (exp2 /
-// lg2 hardware approximations, as the Triton kernels use); losses are returned in nats.
+// scratch buffers, one __syncthreads each instead of two), PREFETCH (1: at the start of a row, one
+// thread asks L2 for the cluster's next row of this segment, so DRAM keeps streaming while the
+// block computes and the next row's copy into shared memory is an L2 hit), HOLD_STUDENT (0: only
+// the teacher segment is held in shared memory; the student segment is prefetched into L2 and
+// read from there by every pass, which halves the shared memory per block and so allows more
+// rows in flight). Logarithms are base 2 inside (exp2 / lg2 hardware approximations, as the
+// Triton kernels use); losses are returned in nats.
 
 #ifndef CLUSTER
 #define CLUSTER 8
@@ -41,6 +46,13 @@
 #ifndef FASTRED
 #define FASTRED 0
 #endif
+#ifndef PREFETCH
+#define PREFETCH 0
+#endif
+#ifndef HOLD_STUDENT
+#define HOLD_STUDENT 1
+#endif
+#define ROWS_HELD (HOLD_STUDENT ? 2 : 1)
 constexpr int kUnroll = UNROLL;
 
 #define WARPS (THREADS / 32)
@@ -99,10 +111,27 @@ __device__ __forceinline__ void add_exp_sums(const float* s, const float* t, flo
     }
 }
 
-// Vector i (8 elements) of both rows' segments in shared memory, as fp32.
+// Vector i of the student segment: from shared memory, or (HOLD_STUDENT 0) from global memory
+// through L2 only, where the row start's prefetch put it.
+__device__ __forceinline__ uint4 student_vec(const uint4* vs, int i) {
+#if HOLD_STUDENT
+    return vs[i];
+#else
+    uint4 v;
+    asm("ld.global.cg.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(vs + i));
+    return v;
+#endif
+}
+
+// Vector i (8 elements) of both rows' segments (the teacher's in shared memory), as fp32.
 __device__ __forceinline__ void load_pair(const uint4* vs, const uint4* vt, int i, float* s, float* t) {
-    unpack8(vs[i], s);
+    unpack8(student_vec(vs, i), s);
     unpack8(vt[i], t);
+}
+
+// Asks L2 for `bytes` (a multiple of 16) of global memory at p (16-byte aligned); no wait.
+__device__ __forceinline__ void prefetch_l2(const void* p, unsigned bytes) {
+    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(bytes) : "memory");
 }
 
 // dz of vector i, rounded to bf16, to global memory.
@@ -194,7 +223,7 @@ extern "C" __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(THR
                                 int loss_stride, int n_rows, int n_cols, int seg_len, double scale2_d,
                                 double beta_d, double grad_scale_d) {
     // seg_len: elements per block, a multiple of 8; dynamic shared memory: STAGES x (student,
-    // teacher) x seg_len bf16.
+    // teacher; teacher only without HOLD_STUDENT) x seg_len bf16.
     extern __shared__ __align__(16) unsigned char smem_raw[];
     __shared__ Partials parts[2][2];  // [meeting: stats, JSD sums][row parity p]
     __shared__ float scratch_bufs[FASTRED ? 2 : 1][6 * WARPS];
@@ -206,14 +235,22 @@ extern "C" __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(THR
     const int cluster = blockIdx.x / CLUSTER, n_clusters = gridDim.x / CLUSTER;
     const int col0 = min((int)rank * seg_len, n_cols), col1 = min(col0 + seg_len, n_cols);
     const int n_vec = (col1 - col0) / 8;  // 16-byte vectors of this block's segment
-    // stage k, tensor w (0 student, 1 teacher)
-    auto stage = [&](int k, int w) { return (bf16*)smem_raw + (size_t)(2 * k + w) * seg_len; };
+    // stage k, tensor w (0 student, 1 teacher; the teacher only without HOLD_STUDENT)
+    auto stage = [&](int k, int w) {
+        return (bf16*)smem_raw + (size_t)(ROWS_HELD * k + w - (HOLD_STUDENT ? 0 : 1)) * seg_len;
+    };
+    auto student_at = [&](int row) { return zs + (long long)row * stride_s + col0; };
+    auto teacher_at = [&](int row) { return zt + (long long)row * stride_t + col0; };
+    const unsigned seg_bytes = 16u * n_vec;
 
     auto load_row = [&](int row, int k) {
-        const bf16* gs = zs + (long long)row * stride_s + col0;
-        const bf16* gt = zt + (long long)row * stride_t + col0;
+        const bf16* gs = student_at(row);
+        const bf16* gt = teacher_at(row);
+#if !HOLD_STUDENT
+        if (threadIdx.x == 0 && n_vec > 0) prefetch_l2(gs, seg_bytes);  // a no-op where PREFETCH put it
+#endif
         for (int i = threadIdx.x; i < n_vec; i += THREADS) {
-            cp_async16(stage(k, 0) + 8 * i, gs + 8 * i);
+            if (HOLD_STUDENT) cp_async16(stage(k, 0) + 8 * i, gs + 8 * i);
             cp_async16(stage(k, 1) + 8 * i, gt + 8 * i);
         }
         cp_async_commit();
@@ -226,8 +263,16 @@ extern "C" __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(THR
     if (row < n_rows) load_row(row, 0);
 #endif
     for (; row < n_rows; row += n_clusters, k = (k + 1) % STAGES, p ^= 1) {
-#if STAGES == 2
         const int next = row + n_clusters;
+#if PREFETCH
+        // the row after the one loading now: with two stages that is two rows ahead
+        const int ahead = next + (STAGES == 2 ? n_clusters : 0);
+        if (threadIdx.x == 0 && ahead < n_rows && n_vec > 0) {
+            prefetch_l2(student_at(ahead), seg_bytes);
+            prefetch_l2(teacher_at(ahead), seg_bytes);
+        }
+#endif
+#if STAGES == 2
         if (next < n_rows) {
             load_row(next, k ^ 1);
             cp_async_wait<1>();
@@ -239,7 +284,7 @@ extern "C" __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(THR
         cp_async_wait<0>();
 #endif
         __syncthreads();  // this row's segment is in shared memory for every thread
-        const uint4* vs = (const uint4*)stage(k, 0);
+        const uint4* vs = (const uint4*)(HOLD_STUDENT ? stage(k, 0) : student_at(row));
         const uint4* vt = (const uint4*)stage(k, 1);
 
         // --- this segment's statistics: maxima, then sums of exp2 relative to them -----------
@@ -359,7 +404,7 @@ extern "C" __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(THR
         }
 
         // dz over the student row (and the KL kinds' loss terms)
-        bf16* out = zs + (long long)row * stride_s + col0;
+        bf16* out = student_at(row);
         const float g = KIND == 2 ? (1.0f - beta) * grad_scale : grad_scale;
         float term = 0.0f;
 #pragma unroll kUnroll
