@@ -213,13 +213,21 @@ def _fused_forward(hs, ws, ht, wt, loss_mask, cfg: _Config, need_gh: bool, need_
     idx, n = counted_tokens(loss_mask, hs.shape[0])
     grad_scale = 1.0 / max(n, 1) if cfg.reduction == "mean" else 1.0
     v_local = ws.shape[0]
-    grads = OutputLayerGrads(hs, ws, idx, n, need_gh, need_gw, cfg.fp32_weight_grad, weight_grad_into,
-                             weight_grad_scale)
     single = _single_pass(cfg)
     chunk, teacher_chunk = plan_chunks(
         n, v_local, ws.shape[1], ws.element_size(), device, cfg.chunk_tokens, cfg.teacher_chunk_tokens,
         teacher_quarter=single,
     )
+    hs_c = zs = None
+    if n > 0:
+        # the first chunk's logits GEMM goes out before the rest of the set-up, so that a GPU
+        # with nothing queued (a call at the start of a step) starts while the host prepares
+        buf_s = torch.empty((chunk, v_local), dtype=ws.dtype, device=device)
+        hs_c, zs = rows(hs, idx, 0, min(chunk, n)), buf_s[: min(chunk, n)]
+        torch.mm(hs_c, ws.t(), out=zs)
+        buf_t = torch.empty((teacher_chunk, v_local), dtype=wt.dtype, device=device)
+    grads = OutputLayerGrads(hs, ws, idx, n, need_gh, need_gw, cfg.fp32_weight_grad, weight_grad_into,
+                             weight_grad_scale)
     # per-row loss partials, one per vocab segment of the element-wise kernels' grid
     if single:
         logits_dtype = ws.dtype if ws.dtype == wt.dtype else torch.float32  # the kernels' pair of buffers
@@ -227,14 +235,12 @@ def _fused_forward(hs, ws, ht, wt, loss_mask, cfg: _Config, need_gh: bool, need_
     else:
         split = ew.default_split(teacher_chunk, v_local, device) if cfg.impl == "triton" else 1
     loss_parts = torch.zeros((split, n), dtype=torch.float32, device=device)
-    if n > 0:
-        buf_s = torch.empty((chunk, v_local), dtype=ws.dtype, device=device)
-        buf_t = torch.empty((teacher_chunk, v_local), dtype=wt.dtype, device=device)
     for c0 in range(0, n, chunk):
         c1 = min(c0 + chunk, n)
-        hs_c = rows(hs, idx, c0, c1)
-        zs = buf_s[: c1 - c0]
-        torch.mm(hs_c, ws.t(), out=zs)
+        if c0 > 0:
+            hs_c = rows(hs, idx, c0, c1)
+            zs = buf_s[: c1 - c0]
+            torch.mm(hs_c, ws.t(), out=zs)
         for t0 in range(0, c1 - c0, teacher_chunk):
             t1 = min(t0 + teacher_chunk, c1 - c0)
             zt = buf_t[: t1 - t0]

@@ -13,6 +13,8 @@ import math
 
 import torch
 
+from megatron_distill.losses.kernels.distill_elementwise import triton_available
+from megatron_distill.losses.kernels.scale_unless_one import scale_unless_one_
 from megatron_distill.losses.tp_collectives import ProcessGroup, all_reduce_sum_, reduce_scatter_dim0
 
 
@@ -111,9 +113,21 @@ def scale_saved_grads(ctx, grad_output: torch.Tensor, promised_scale: float | No
     """Backward of a loss whose forward stored ``(grad_hidden, grad_weight)``: scale them by ``grad_output``.
 
     ``promised_scale``: the gradient the forward already applied to a weight gradient it added
-    into ``main_grad`` (``weight_grad_into``); raises unless ``grad_output`` is that value.
+    into ``main_grad`` (``weight_grad_into``); raises unless ``grad_output`` is that value (a host
+    read of ``grad_output``). Without a promise, on CUDA, the factor is never read on the host: the
+    stored gradients are scaled in place by a kernel that skips the pass when it is 1
+    (``loss.backward()``), so the host does not wait for the forward here. A second backward
+    through the same graph (``retain_graph``) scales the first one's results by the ratio of the
+    two factors, out of place.
     """
     grad_h, grad_w = ctx.saved_tensors
+    if promised_scale is None and grad_output.is_cuda and triton_available(grad_output.device):
+        first = getattr(ctx, "scaled_by", None)
+        if first is None:
+            ctx.scaled_by = grad_output.detach().clone()
+            return tuple(None if g is None else scale_unless_one_(g, grad_output) for g in (grad_h, grad_w))
+        ratio = grad_output.float() / first.float()
+        return tuple(None if g is None else (g.float() * ratio).to(g.dtype) for g in (grad_h, grad_w))
     got = float(grad_output)  # one host read serves the check and the scaling
     if promised_scale is not None and not math.isclose(got, promised_scale, rel_tol=1e-6):
         raise RuntimeError(

@@ -292,3 +292,34 @@ def test_free_bytes_counts_the_allocators_idle_blocks():
     got = _free_bytes(dev)
     assert abs(got - expect) <= 2 << 20  # other processes may allocate in between
     assert got - torch.cuda.mem_get_info(dev)[0] >= 64 << 20
+
+
+def test_backward_scales_on_the_gpu_without_a_host_read():
+    # the backward's in-place scaling kernel on bf16 CUDA tensors: bits untouched at 1, one
+    # rounding of the fp32 product otherwise; and through the fused loss: a factor, and a second
+    # backward through the retained graph (the ratio of the factors), against the float64 math
+    from megatron_distill.losses.kernels.scale_unless_one import scale_unless_one_
+
+    g = torch.Generator(device="cuda").manual_seed(3)
+    x0 = (torch.randn(1000, 3001, generator=g, device="cuda") * 4).to(torch.bfloat16)
+    x = x0.clone()
+    scale_unless_one_(x, torch.ones((), device="cuda"))
+    assert torch.equal(x, x0)
+    scale_unless_one_(x, torch.full((), -2.7, device="cuda"))
+    assert torch.equal(x, (x0.float() * -2.7).to(torch.bfloat16))
+
+    t, hs, ht_dim, v = 96, 64, 80, 1000
+    h = torch.randn(t, hs, generator=g, device="cuda", dtype=torch.float64)
+    w = torch.randn(v, hs, generator=g, device="cuda", dtype=torch.float64) / hs**0.5
+    ht = torch.randn(t, ht_dim, generator=g, device="cuda", dtype=torch.float64)
+    wt = torch.randn(v, ht_dim, generator=g, device="cuda", dtype=torch.float64) / ht_dim**0.5
+    zs = (h @ w.T).requires_grad_()
+    ref = distill_loss_per_token(zs, ht @ wt.T, "jsd", beta=0.5, temperature=1.0).mean()
+    ref_gz = torch.autograd.grad(ref, zs)[0]
+    ref_gh, ref_gw = ref_gz @ w, ref_gz.T @ h
+    h32, w32 = h.float().requires_grad_(), w.float().requires_grad_()
+    loss = fused_linear_distill_loss(h32, w32, ht.float(), wt.float(), "jsd")
+    (2.5 * loss).backward(retain_graph=True)
+    assert _rel(h32.grad, 2.5 * ref_gh.float()) <= 1e-4 and _rel(w32.grad, 2.5 * ref_gw.float()) <= 1e-4
+    loss.backward()
+    assert _rel(h32.grad, 3.5 * ref_gh.float()) <= 1e-4 and _rel(w32.grad, 3.5 * ref_gw.float()) <= 1e-4

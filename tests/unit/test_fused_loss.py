@@ -147,6 +147,40 @@ def test_teacher_gets_no_grad_and_grad_output_scales(impl):
     assert _rel(w.grad, 2.5 * ref[2]) <= 1e-5
 
 
+
+def test_backward_twice_through_a_retained_graph(impl):
+    # backward hands autograd the gradients the forward stored (no copy); a second backward
+    # through the same graph must still add exactly its own share (on CUDA: test_fused_gpu.py)
+    h, w, ht, wt = _inputs(12, 8, 10, 64, torch.float32, seed=4)
+    ref = _reference(h, w, ht, wt, "forward_kl", 0.5, 1.0, None, "mean")
+    h.requires_grad_()
+    w.requires_grad_()
+    loss = fused_linear_distill_loss(h, w, ht, wt, "forward_kl", impl=impl)
+    loss.backward(retain_graph=True)
+    assert _rel(h.grad, ref[1]) <= 1e-5 and _rel(w.grad, ref[2]) <= 1e-5
+    (3.0 * loss).backward()
+    assert _rel(h.grad, 4.0 * ref[1]) <= 1e-5
+    assert _rel(w.grad, 4.0 * ref[2]) <= 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_scale_unless_one_kernel(dtype):
+    # the backward's scaling kernel (Triton interpreter here): untouched bit for bit at 1, one
+    # rounding of the fp32 product otherwise, every element reached (more blocks than programs).
+    # bf16 runs on the GPU (test_fused_gpu.py): the interpreter's bf16 casts are not torch's.
+    from megatron_distill.losses.kernels.scale_unless_one import scale_unless_one_
+
+    x0 = (torch.randn(3, 7001, generator=torch.Generator().manual_seed(0)) * 4).to(dtype)
+    x = x0.clone()
+    scale_unless_one_(x, torch.tensor(1.0))
+    assert torch.equal(x, x0)
+    scale_unless_one_(x, torch.tensor([-2.7], dtype=torch.float64))
+    torch.testing.assert_close(x, (x0.float() * -2.7).to(dtype), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="one element"):
+        scale_unless_one_(x, torch.ones(2))
+    with pytest.raises(ValueError, match="contiguous"):
+        scale_unless_one_(x.t(), torch.ones(()))
+
 def test_fp32_weight_grad_accumulator_matches(impl):
     h, w, ht, wt = _inputs(20, 8, 8, 40, torch.bfloat16, seed=5)
     _check(h, w, ht, wt, "forward_kl", 0.5, 1.0, None, "mean", impl, chunk_tokens=6, fp32_weight_grad=True)
