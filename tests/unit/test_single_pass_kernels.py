@@ -159,7 +159,7 @@ def test_cluster_kernel_geometry_and_switch(monkeypatch):
     assert ew.single_pass_split(4096, torch.device("cpu"), kind="jsd", variant="cluster") == 1
     # builds: names round-trip, bad names and settings are refused with the setting named, and
     # the per-kind setting picks each kind's build
-    for name in ("c8t512", "c16t256m2or", "c8t256s1m2ou2", "c4t128o", "c8t256s1m2p", "c8t128s1m5opl"):
+    for name in ("c8t512", "c16t256m2or", "c8t256s1m2ou2", "c4t128o", "c8t256s1m2p", "c8t128s1m5opl", "c8t128s1m2h"):
         assert cluster.parse_build(name).name == name
     assert cluster.parse_build("c8t256s1m2") == cluster.DEFAULT_BUILD
     assert cluster.shared_bytes(151936, cluster.parse_build("c16t256s1m4")) * 4 <= 227 * 1024
@@ -168,6 +168,7 @@ def test_cluster_kernel_geometry_and_switch(monkeypatch):
     assert in_l2.student_in_l2 and in_l2.prefetch and in_l2.defines()["HOLD_STUDENT"] == 0
     assert cluster.shared_bytes(151936, in_l2) == cluster.seg_len(151936) * 2
     assert 5 * (cluster.shared_bytes(151936, in_l2) + 1024) <= 228 * 1024
+    assert cluster.parse_build("c8t128s1m2h").defines()["STORE_R"] == 1
     for bad in ("c32t256", "c8t100", "c8t512s3", "cluster"):
         with pytest.raises(ValueError, match="cluster kernel build"):
             cluster.parse_build(bad)

@@ -19,8 +19,11 @@
 // block computes and the next row's copy into shared memory is an L2 hit), HOLD_STUDENT (0: only
 // the teacher segment is held in shared memory; the student segment is prefetched into L2 and
 // read from there by every pass, which halves the shared memory per block and so allows more
-// rows in flight). Logarithms are base 2 inside (exp2 / lg2 hardware approximations, as the
-// Triton kernels use); losses are returned in nats.
+// rows in flight), STORE_R (JSD only, 1: the pass that sums KL(p_S || M) leaves each element's
+// log2 p_S - log2 M in fp16 over its teacher logit in shared memory, so the dz pass needs one
+// exp2 per element instead of two exp2 and a lg2; fp16 keeps 11 significant bits of the
+// difference, which is 0 where p_S = M). Logarithms are base 2 inside (exp2 / lg2 hardware
+// approximations, as the Triton kernels use); losses are returned in nats.
 
 #ifndef CLUSTER
 #define CLUSTER 8
@@ -53,6 +56,9 @@
 #define HOLD_STUDENT 1
 #endif
 #define ROWS_HELD (HOLD_STUDENT ? 2 : 1)
+#ifndef STORE_R
+#define STORE_R 0
+#endif
 constexpr int kUnroll = UNROLL;
 
 #define WARPS (THREADS / 32)
@@ -79,6 +85,23 @@ __device__ __forceinline__ void unpack8(uint4 v, float* out) {
     for (int i = 0; i < 4; ++i) {
         out[2 * i] = __uint_as_float(w[i] << 16);
         out[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+    }
+}
+
+// Two floats as fp16x2 (round to nearest even), and eight fp16 of a vector back to floats.
+__device__ __forceinline__ unsigned pack_half2(float lo, float hi) {
+    unsigned r;
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+
+__device__ __forceinline__ void unpack_half8(uint4 v, float* out) {
+    const unsigned w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const unsigned short lo = (unsigned short)(w[i] & 0xffffu), hi = (unsigned short)(w[i] >> 16);
+        asm("cvt.f32.f16 %0, %1;" : "=f"(out[2 * i]) : "h"(lo));
+        asm("cvt.f32.f16 %0, %1;" : "=f"(out[2 * i + 1]) : "h"(hi));
     }
 }
 
@@ -241,7 +264,7 @@ extern "C" __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(THR
     };
     auto student_at = [&](int row) { return zs + (long long)row * stride_s + col0; };
     auto teacher_at = [&](int row) { return zt + (long long)row * stride_t + col0; };
-    const unsigned seg_bytes = 16u * n_vec;
+    [[maybe_unused]] const unsigned seg_bytes = 16u * n_vec;
 
     auto load_row = [&](int row, int k) {
         const bf16* gs = student_at(row);
@@ -263,7 +286,7 @@ extern "C" __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(THR
     if (row < n_rows) load_row(row, 0);
 #endif
     for (; row < n_rows; row += n_clusters, k = (k + 1) % STAGES, p ^= 1) {
-        const int next = row + n_clusters;
+        [[maybe_unused]] const int next = row + n_clusters;
 #if PREFETCH
         // the row after the one loading now: with two stages that is two rows ahead
         const int ahead = next + (STAGES == 2 ? n_clusters : 0);
@@ -378,18 +401,28 @@ extern "C" __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(THR
             float kl[2] = {0.0f, 0.0f};
 #pragma unroll kUnroll
             for (int i = threadIdx.x; i < n_vec; i += THREADS) {
-                float s[8], t[8];
+                float s[8], t[8], r[8];
                 load_pair(vs, vt, i, s, t);
 #pragma unroll
                 for (int j = 0; j < 8; ++j) {
                     const float ls = log2p_s(s[j]), lt = log2p_t(t[j]);
                     const float ps = ex2(ls), pt = ex2(lt);
                     const float mix = beta * pt + (1.0f - beta) * ps;
-                    if (mix > 0.0f) {  // both underflowed: contributes nothing (no 0 * -inf)
+                    r[j] = 0.0f;  // both underflowed: contributes nothing (no 0 * -inf), and dz is 0
+                    if (mix > 0.0f) {
                         const float lm = lg2(mix);
-                        kl[0] += ps * (ls - lm);
+                        r[j] = ls - lm;
+                        kl[0] += ps * r[j];
                         kl[1] += pt * (lt - lm);
                     }
+                }
+                if (STORE_R) {  // this thread's own vector: only it reads the slot again
+                    uint4 packed;
+                    packed.x = pack_half2(r[0], r[1]);
+                    packed.y = pack_half2(r[2], r[3]);
+                    packed.z = pack_half2(r[4], r[5]);
+                    packed.w = pack_half2(r[6], r[7]);
+                    ((uint4*)vt)[i] = packed;
                 }
             }
             block_reduce<2, false>(kl, scratch_next());
@@ -410,7 +443,12 @@ extern "C" __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(THR
 #pragma unroll kUnroll
         for (int i = threadIdx.x; i < n_vec; i += THREADS) {
             float s[8], t[8];
-            load_pair(vs, vt, i, s, t);
+            if (KIND == 2 && STORE_R) {
+                unpack8(student_vec(vs, i), s);
+                unpack_half8(vt[i], t);  // t holds log2 p_S - log2 M here
+            } else {
+                load_pair(vs, vt, i, s, t);
+            }
             float dz[8];
 #pragma unroll
             for (int j = 0; j < 8; ++j) {
@@ -423,6 +461,8 @@ extern "C" __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(THR
                 } else if (KIND == 1) {
                     dz[j] = ps * ((ls - lt) * LN2 - row_term) * g;
                     term += ps * (ls - lt);
+                } else if (STORE_R) {
+                    dz[j] = ps * (t[j] * LN2 - row_term) * g;
                 } else {
                     const float mix = beta * ex2(lt) + (1.0f - beta) * ps;
                     dz[j] = mix > 0.0f ? ps * ((ls - lg2(mix)) * LN2 - row_term) * g : 0.0f;
