@@ -32,6 +32,7 @@ from loss_kernel import LAUNCHES, environment, multi_pass_step, timed  # noqa: E
 
 from megatron_distill.losses.kernels import cluster_single_pass as cluster  # noqa: E402
 from megatron_distill.losses.kernels import distill_elementwise as ew  # noqa: E402
+from megatron_distill.losses.reference import distill_loss_per_token  # noqa: E402
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -52,7 +53,13 @@ def check(build: cluster.Build, kind: str, rows: int, v: int, seed: int) -> dict
     la, lb = loss_a.sum(0), loss_b.sum(0)
     loss_err = ((la - lb).abs() - 1e-5 * lb.abs()).max().item()  # as assert_close(rtol=1e-5, atol=1e-6)
     ok = bool(torch.isfinite(la).all()) and loss_err <= 1e-6 and _rel(a, b) <= 8e-3
-    return dict(loss_excess=loss_err, dz_rel_err=_rel(a, b), ok=ok)
+    # both against the float64 gradient of the same bf16 logits: the bf16 rounding of dz is common
+    # to both, so a build's own error shows as the difference between the two
+    z64 = zs0.double().requires_grad_()
+    per_token = distill_loss_per_token(z64, zt.double(), kind, beta=0.3, temperature=1.3)
+    exact = torch.autograd.grad(per_token.sum() * 0.01, z64)[0]
+    return dict(loss_excess=loss_err, dz_rel_err=_rel(a, b), dz_err_vs_fp64=_rel(a, exact),
+                multi_pass_dz_err_vs_fp64=_rel(b, exact), ok=ok)
 
 
 def launcher(kind: str, build: cluster.Build | None, zs: torch.Tensor, zt: torch.Tensor):
