@@ -157,13 +157,16 @@ __device__ __forceinline__ void prefetch_l2(const void* p, unsigned bytes) {
     asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(bytes) : "memory");
 }
 
-// dz of vector i, rounded to bf16, to global memory.
-__device__ __forceinline__ void store8(bf16* out, int i, const float* dz) {
+// Eight floats as 16-byte vector i of `out`: bf16 (dz, to global memory) or fp16 (HALF: JSD's
+// log-ratio, over the teacher's segment in shared memory).
+template <bool HALF = false>
+__device__ __forceinline__ void store8(void* out, int i, const float* x) {
+    auto pack = [](float lo, float hi) { return HALF ? pack_half2(lo, hi) : pack2(lo, hi); };
     uint4 v;
-    v.x = pack2(dz[0], dz[1]);
-    v.y = pack2(dz[2], dz[3]);
-    v.z = pack2(dz[4], dz[5]);
-    v.w = pack2(dz[6], dz[7]);
+    v.x = pack(x[0], x[1]);
+    v.y = pack(x[2], x[3]);
+    v.z = pack(x[4], x[5]);
+    v.w = pack(x[6], x[7]);
     ((uint4*)out)[i] = v;
 }
 
@@ -416,14 +419,7 @@ extern "C" __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(THR
                         kl[1] += pt * (lt - lm);
                     }
                 }
-                if (STORE_R) {  // this thread's own vector: only it reads the slot again
-                    uint4 packed;
-                    packed.x = pack_half2(r[0], r[1]);
-                    packed.y = pack_half2(r[2], r[3]);
-                    packed.z = pack_half2(r[4], r[5]);
-                    packed.w = pack_half2(r[6], r[7]);
-                    ((uint4*)vt)[i] = packed;
-                }
+                if (STORE_R) store8<true>((void*)vt, i, r);  // this thread's own vector: only it reads it again
             }
             block_reduce<2, false>(kl, scratch_next());
             if (threadIdx.x == 0) {
