@@ -126,6 +126,13 @@ def scale_saved_grads(ctx, grad_output: torch.Tensor, promised_scale: float | No
         if first is None:
             ctx.scaled_by = grad_output.detach().clone()
             return tuple(None if g is None else scale_unless_one_(g, grad_output) for g in (grad_h, grad_w))
+        # a second backward through a retained graph (rare: a host read is fine here)
+        if float(first) == 0.0:
+            raise RuntimeError(
+                "the fused loss's first backward received the gradient 0 and scaled its stored gradients by it "
+                "in place, so a second backward through the retained graph cannot recover them; run the "
+                "forward again instead of retain_graph"
+            )
         ratio = grad_output.float() / first.float()
         return tuple(None if g is None else (g.float() * ratio).to(g.dtype) for g in (grad_h, grad_w))
     got = float(grad_output)  # one host read serves the check and the scaling

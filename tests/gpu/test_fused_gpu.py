@@ -332,3 +332,7 @@ def test_backward_scales_on_the_gpu_without_a_host_read():
     assert _rel(h32.grad, 2.5 * ref_gh.float()) <= 1e-4 and _rel(w32.grad, 2.5 * ref_gw.float()) <= 1e-4
     loss.backward()
     assert _rel(h32.grad, 3.5 * ref_gh.float()) <= 1e-4 and _rel(w32.grad, 3.5 * ref_gw.float()) <= 1e-4
+    loss = fused_linear_distill_loss(h32, w32, ht.float(), wt.float(), "jsd")
+    (0.0 * loss).backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="received the gradient 0"):
+        loss.backward()
