@@ -1,12 +1,9 @@
 """Builds of the cluster single-pass kernel (cluster_single_pass.cu) side by side on one GPU.
 
-Builds are named as ``cluster_single_pass.parse_build`` reads them, e.g. ``c16t256m2or``: cluster
-size (blocks per row), threads per block, row stages in shared memory (s, default 2), blocks per
-multiprocessor the registers must allow (m, default 1), ``o`` for the one-pass online
-statistics, ``r`` for block reductions with one barrier each, ``u2`` for two vectors per loop
-iteration, ``p`` for the next row prefetched into L2, ``l`` for the student segment read from L2
-instead of held in shared memory. Every build is first checked against the multi-pass Triton kernels on fresh random
-logits (loss partial sums rtol 1e-5, dz within one bf16 rounding), then all builds and the
+Builds are named as ``cluster_single_pass.parse_build`` reads them, e.g. ``c16t256m2or`` or
+``c8t128s1m2h``; ``cluster_single_pass.Build`` says what each part sets. Every build is first
+checked against the multi-pass Triton kernels on fresh random logits (loss partial sums rtol
+1e-5, dz within one bf16 rounding; both dz errors against float64 are reported), then all builds and the
 Triton single pass ("reread", its defaults) are timed in shuffled interleaved rounds. As in
 ``loss_kernel.py --kernel-sweep``, the timed launches run back to back over one buffer, so after
 the first one z_S holds dz (the same work: no branch depends on the values).

@@ -13,7 +13,6 @@ import math
 
 import torch
 
-from megatron_distill.losses.kernels.distill_elementwise import triton_available
 from megatron_distill.losses.kernels.scale_unless_one import scale_unless_one_
 from megatron_distill.losses.tp_collectives import ProcessGroup, all_reduce_sum_, reduce_scatter_dim0
 
@@ -121,7 +120,7 @@ def scale_saved_grads(ctx, grad_output: torch.Tensor, promised_scale: float | No
     two factors, out of place.
     """
     grad_h, grad_w = ctx.saved_tensors
-    if promised_scale is None and grad_output.is_cuda and triton_available(grad_output.device):
+    if promised_scale is None and grad_output.is_cuda:
         first = getattr(ctx, "scaled_by", None)
         if first is None:
             ctx.scaled_by = grad_output.detach().clone()
