@@ -3,7 +3,8 @@
 # (benchmarks/cluster_probe.py, NOTES_loss_kernel.md iteration 16): the cluster GPU tests, the
 # checked and interleaved timings of each build against the Triton single pass, case 1 end to end
 # with the fastest build per kind group against the committed defaults (loss_kernel.py --cluster-builds), the
-# fused-loss GPU tests with those builds as the single pass where they beat it, and Nsight Compute on c8t256.
+# fused-loss GPU tests with those builds as the single pass where they beat it, and Nsight Compute with
+# the warps' stall reasons on NCU_BUILDS (build[:kind] each, kind forward_kl unless named; default c8t256).
 # Logs and results in $OUT.
 source benchmarks/device_setup.sh
 nvidia-smi --query-gpu=name,driver_version,power.limit,clocks.max.sm --format=csv,noheader
@@ -34,11 +35,15 @@ if [ "$SPEED" = faster ] && [ "${ALL_TESTS:-1}" = 1 ]; then
   MEGATRON_DISTILL_SP_VARIANT=cluster MEGATRON_DISTILL_CLUSTER_BUILD=$SEL timeout 150 python -m pytest tests/gpu/test_fused_gpu.py -q > $OUT/gpu_tests_all_cluster.log 2>&1; tail -2 $OUT/gpu_tests_all_cluster.log
 fi
 NCU=$(command -v ncu || ls /usr/local/cuda*/bin/ncu 2>/dev/null | head -1)
-for b in ${NCU_BUILDS-c8t256}; do
+for spec in ${NCU_BUILDS-c8t256}; do
+  b=${spec%%:*}; k=${spec#*:}; [ "$k" = "$spec" ] && k=forward_kl
   [ -n "$NCU" ] || { echo "no ncu"; break; }
   timeout 60 $NCU -k distill_cluster_single_pass --launch-skip 1 --launch-count 1 \
     --section SpeedOfLight --section SchedulerStats --section WarpStateStats --section Occupancy --section LaunchStats \
-    python benchmarks/cluster_probe.py --builds $b --kinds forward_kl --profile > $OUT/ncu_$b.log 2>&1
-  echo "== ncu $b"; grep -E "Duration|DRAM Throughput|Issue Slots Busy|Warp Cycles Per Issued|Achieved Occupancy|Theoretical Occupancy|Eligible Warps|Registers Per|Cluster Size|Waves" $OUT/ncu_$b.log | sed 's/  */ /g' | head -14
-  grep -E "stalled|spends" $OUT/ncu_$b.log | cut -c1-400 | head -3
+    --metrics 'regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio' \
+    python benchmarks/cluster_probe.py --builds $b --kinds $k --profile > $OUT/ncu_${b}_$k.log 2>&1
+  echo "== ncu $b $k"; grep -E "Duration|DRAM Throughput|Issue Slots Busy|Warp Cycles Per Issued|Achieved Occupancy|Theoretical Occupancy|Eligible Warps|Registers Per|Cluster Size|Waves" $OUT/ncu_${b}_$k.log | sed 's/  */ /g' | head -14
+  grep -E "stalled|spends" $OUT/ncu_${b}_$k.log | cut -c1-400 | head -3
+  # the largest stall reasons, in warp cycles per issued instruction
+  grep -E "smsp__average_warps_issue_stalled_" $OUT/ncu_${b}_$k.log | awk '{print $NF, $1}' | sort -rn | head -8
 done

@@ -159,7 +159,8 @@ def test_cluster_kernel_geometry_and_switch(monkeypatch):
     assert ew.single_pass_split(4096, torch.device("cpu"), kind="jsd", variant="cluster") == 1
     # builds: names round-trip, bad names and settings are refused with the setting named, and
     # the per-kind setting picks each kind's build
-    for name in ("c8t512", "c16t256m2or", "c8t256s1m2ou2", "c4t128o", "c8t256s1m2p", "c8t128s1m5opl", "c8t128s1m2h"):
+    for name in ("c8t512", "c16t256m2or", "c8t256s1m2ou2", "c4t128o", "c8t256s1m2p", "c8t128s1m5opl", "c8t128s1m2h",
+                 "c8t128s1m2hq"):
         assert cluster.parse_build(name).name == name
     assert cluster.parse_build("c8t256s1m2") == cluster.DEFAULT_BUILD
     assert cluster.shared_bytes(151936, cluster.parse_build("c16t256s1m4")) * 4 <= 227 * 1024
@@ -169,7 +170,9 @@ def test_cluster_kernel_geometry_and_switch(monkeypatch):
     assert cluster.shared_bytes(151936, in_l2) == cluster.seg_len(151936) * 2
     assert 5 * (cluster.shared_bytes(151936, in_l2) + 1024) <= 228 * 1024
     assert cluster.parse_build("c8t128s1m2h").defines()["STORE_R"] == 1
-    for bad in ("c32t256", "c8t100", "c8t512s3", "cluster"):
+    assert cluster.parse_build("c8t128s1m2hq").defines()["STORE_P"] == 1
+    # p_S over the student segment needs the log-ratio pass and the segment in shared memory
+    for bad in ("c32t256", "c8t100", "c8t512s3", "cluster", "c8t128s1m2q", "c8t128s1m2lhq"):
         with pytest.raises(ValueError, match="cluster kernel build"):
             cluster.parse_build(bad)
     monkeypatch.setitem(ew.KERNEL_CONFIG, "cluster_build", "kl:c8t256,jsd:c16t256m2or")

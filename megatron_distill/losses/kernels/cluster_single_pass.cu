@@ -22,8 +22,11 @@
 // rows in flight), STORE_R (JSD only, 1: the pass that sums KL(p_S || M) leaves each element's
 // log2 p_S - log2 M in fp16 over its teacher logit in shared memory, so the dz pass needs one
 // exp2 per element instead of two exp2 and a lg2; fp16 keeps 11 significant bits of the
-// difference, which is 0 where p_S = M). Logarithms are base 2 inside (exp2 / lg2 hardware
-// approximations, as the Triton kernels use); losses are returned in nats.
+// difference, which is 0 where p_S = M), STORE_P (JSD with STORE_R only, 1: that pass also leaves
+// p_S 2^15 in fp16 over the element's student logit, so the dz pass takes no exp2 at all; fp16
+// keeps 11 significant bits of p_S down to p_S = 2^-29, and dz is p_S times a row-wide factor, so
+// its error stays below a quarter of dz's own bf16 rounding). Logarithms are base 2 inside (exp2 /
+// lg2 hardware approximations, as the Triton kernels use); losses are returned in nats.
 
 #ifndef CLUSTER
 #define CLUSTER 8
@@ -59,6 +62,11 @@
 #ifndef STORE_R
 #define STORE_R 0
 #endif
+#ifndef STORE_P
+#define STORE_P 0
+#endif
+#define KEEP_P (KIND == 2 && STORE_R && STORE_P && HOLD_STUDENT)
+#define P_SCALE 32768.0f  // 2^15: p_S <= 1 stays below fp16's largest finite value
 constexpr int kUnroll = UNROLL;
 
 #define WARPS (THREADS / 32)
@@ -404,13 +412,14 @@ extern "C" __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(THR
             float kl[2] = {0.0f, 0.0f};
 #pragma unroll kUnroll
             for (int i = threadIdx.x; i < n_vec; i += THREADS) {
-                float s[8], t[8], r[8];
+                float s[8], t[8], r[8], q[8];
                 load_pair(vs, vt, i, s, t);
 #pragma unroll
                 for (int j = 0; j < 8; ++j) {
                     const float ls = log2p_s(s[j]), lt = log2p_t(t[j]);
                     const float ps = ex2(ls), pt = ex2(lt);
                     const float mix = beta * pt + (1.0f - beta) * ps;
+                    q[j] = ps * P_SCALE;
                     r[j] = 0.0f;  // both underflowed: contributes nothing (no 0 * -inf), and dz is 0
                     if (mix > 0.0f) {
                         const float lm = lg2(mix);
@@ -420,6 +429,7 @@ extern "C" __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(THR
                     }
                 }
                 if (STORE_R) store8<true>((void*)vt, i, r);  // this thread's own vector: only it reads it again
+                if (KEEP_P) store8<true>((void*)vs, i, q);
             }
             block_reduce<2, false>(kl, scratch_next());
             if (threadIdx.x == 0) {
@@ -435,11 +445,15 @@ extern "C" __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(THR
         // dz over the student row (and the KL kinds' loss terms)
         bf16* out = student_at(row);
         const float g = KIND == 2 ? (1.0f - beta) * grad_scale : grad_scale;
+        [[maybe_unused]] const float g_kept = g / P_SCALE;  // dz = q (r ln2 - row term) g_kept
         float term = 0.0f;
 #pragma unroll kUnroll
         for (int i = threadIdx.x; i < n_vec; i += THREADS) {
             float s[8], t[8];
-            if (KIND == 2 && STORE_R) {
+            if (KEEP_P) {
+                unpack_half8(vs[i], s);  // s holds p_S 2^15 here
+                unpack_half8(vt[i], t);
+            } else if (KIND == 2 && STORE_R) {
                 unpack8(student_vec(vs, i), s);
                 unpack_half8(vt[i], t);  // t holds log2 p_S - log2 M here
             } else {
@@ -448,6 +462,10 @@ extern "C" __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(THR
             float dz[8];
 #pragma unroll
             for (int j = 0; j < 8; ++j) {
+                if (KEEP_P) {
+                    dz[j] = s[j] * (t[j] * LN2 - row_term) * g_kept;
+                    continue;
+                }
                 const float ls = log2p_s(s[j]), lt = log2p_t(t[j]);
                 const float ps = ex2(ls);
                 if (KIND == 0) {
