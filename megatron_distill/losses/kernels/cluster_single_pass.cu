@@ -25,7 +25,10 @@
 // difference, which is 0 where p_S = M), STORE_P (JSD with STORE_R only, 1: that pass also leaves
 // p_S 2^15 in fp16 over the element's student logit, so the dz pass takes no exp2 at all; fp16
 // keeps 11 significant bits of p_S down to p_S = 2^-29, and dz is p_S times a row-wide factor, so
-// its error stays below a quarter of dz's own bf16 rounding). Logarithms are base 2 inside (exp2 /
+// its error stays below a quarter of dz's own bf16 rounding), RELAXED (1: at a cluster meeting only
+// the thread that wrote the block's partials fences them; every thread arrives at the cluster
+// barrier relaxed instead of with release semantics, a memory barrier per thread and row less).
+// Logarithms are base 2 inside (exp2 /
 // lg2 hardware approximations, as the Triton kernels use); losses are returned in nats.
 
 #ifndef CLUSTER
@@ -67,6 +70,9 @@
 #endif
 #define KEEP_P (KIND == 2 && STORE_R && STORE_P && HOLD_STUDENT)
 #define P_SCALE 32768.0f  // 2^15: p_S <= 1 stays below fp16's largest finite value
+#ifndef RELAXED
+#define RELAXED 0
+#endif
 constexpr int kUnroll = UNROLL;
 
 #define WARPS (THREADS / 32)
@@ -190,9 +196,16 @@ __device__ __forceinline__ void cp_async_wait() {
     asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
 }
 
-__device__ __forceinline__ void cluster_sync() {
+// `wrote`: this thread wrote shared memory that peers read after the barrier (the partials).
+__device__ __forceinline__ void cluster_sync(bool wrote) {
+#if RELAXED
+    // the writer's fence and the others' relaxed arrive: the same visibility, one fence per block
+    if (wrote) asm volatile("fence.acq_rel.cluster;" ::: "memory");
+    asm volatile("barrier.cluster.arrive.relaxed.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+#else
     // release this block's shared-memory writes to the cluster, acquire the peers'
     asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+#endif
 }
 
 __device__ __forceinline__ unsigned cluster_rank() {
@@ -375,7 +388,7 @@ extern "C" __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(THR
         if (threadIdx.x == 0) {
             parts[0][p] = Partials{mx[0], mx[1], sums[0], sums[1], sums[2], 0.0f};
         }
-        cluster_sync();
+        cluster_sync(threadIdx.x == 0);
 
         // --- the row's statistics from the cluster's partials ------------------------------
         float m_s = NEG_INF, m_t = NEG_INF;
@@ -436,7 +449,7 @@ extern "C" __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(THR
                 parts[1][p].kl_s = kl[0];
                 loss_out[loss_at] = (beta * kl[1] + (1.0f - beta) * kl[0]) * LN2;
             }
-            cluster_sync();
+            cluster_sync(threadIdx.x == 0);
 #pragma unroll
             for (int r = 0; r < CLUSTER; ++r) row_term += peer_load(&parts[1][p].kl_s, r);
             row_term *= LN2;
@@ -492,5 +505,5 @@ extern "C" __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(THR
         __syncthreads();  // every thread is done with stage k before a later row's load reuses it
     }
     // peers may still read this block's partials: stay until the whole cluster is done
-    cluster_sync();
+    cluster_sync(false);
 }

@@ -42,8 +42,9 @@ class Build:
     from L2 instead of held in shared memory (``student_in_l2``: half the shared memory per
     block), JSD's log-ratio kept in fp16 for the dz pass (``store_log_ratio``: one exp2 per
     element there instead of two exp2 and a lg2), and with it JSD's p_S 2^15 kept in fp16 over
-    the student logit (``store_student_prob``: no exp2 in the dz pass). Named like
-    ``c16t256s2m2or`` or ``c8t128s1m2hq`` (``parse_build``)."""
+    the student logit (``store_student_prob``: no exp2 in the dz pass), and cluster meetings
+    where only the partials' writer fences and every thread arrives relaxed (``relaxed``). Named
+    like ``c16t256s2m2or`` or ``c8t128s1m2hqa`` (``parse_build``)."""
 
     cluster: int = CLUSTER
     threads: int = THREADS
@@ -56,6 +57,7 @@ class Build:
     student_in_l2: bool = False
     store_log_ratio: bool = False
     store_student_prob: bool = False
+    relaxed: bool = False
 
     @property
     def name(self) -> str:
@@ -64,22 +66,24 @@ class Build:
                 + (f"m{self.min_blocks}" if self.min_blocks != 1 else "") + ("o" if self.online else "")
                 + ("r" if self.fast_reduce else "") + (f"u{self.unroll}" if self.unroll != 1 else "")
                 + ("p" if self.prefetch else "") + ("l" if self.student_in_l2 else "")
-                + ("h" if self.store_log_ratio else "") + ("q" if self.store_student_prob else ""))
+                + ("h" if self.store_log_ratio else "") + ("q" if self.store_student_prob else "")
+                + ("a" if self.relaxed else ""))
 
     def defines(self) -> dict:
         """The source's compile-time constants for this build."""
         return dict(CLUSTER=self.cluster, THREADS=self.threads, STAGES=self.stages, MINBLOCKS=self.min_blocks,
                     ONLINE=int(self.online), FASTRED=int(self.fast_reduce), UNROLL=self.unroll,
                     PREFETCH=int(self.prefetch), HOLD_STUDENT=int(not self.student_in_l2),
-                    STORE_R=int(self.store_log_ratio), STORE_P=int(self.store_student_prob))
+                    STORE_R=int(self.store_log_ratio), STORE_P=int(self.store_student_prob),
+                    RELAXED=int(self.relaxed))
 
 
 DEFAULT_BUILD = Build(stages=1, min_blocks=2)  # c8t256s1m2: the KL kinds' default (NOTES_loss_kernel.md, iteration 17)
-_BUILD_NAME = re.compile(r"c(\d+)t(\d+)(?:s([12]))?(?:m(\d))?(o)?(r)?(?:u(\d))?(p)?(l)?(h)?(q)?")
+_BUILD_NAME = re.compile(r"c(\d+)t(\d+)(?:s([12]))?(?:m(\d))?(o)?(r)?(?:u(\d))?(p)?(l)?(h)?(q)?(a)?")
 
 
 def parse_build(name: str) -> Build:
-    """``Build`` from a name of the form ``c<cluster>t<threads>[s<stages>][m<blocks>][o][r][u<n>][p][l][h][q]``,
+    """``Build`` from a name of the form ``c<cluster>t<threads>[s<stages>][m<blocks>][o][r][u<n>][p][l][h][q][a]``,
     e.g. "c8t256s1m2" (``DEFAULT_BUILD``) or "c16t256m2or"; ``q`` needs ``h`` and not ``l`` (it
     overwrites the student segment held in shared memory)."""
     m = _BUILD_NAME.fullmatch(name.strip())
@@ -87,12 +91,13 @@ def parse_build(name: str) -> Build:
     if m is not None:
         build = Build(cluster=int(m[1]), threads=int(m[2]), stages=int(m[3] or 2), min_blocks=int(m[4] or 1),
                       online=bool(m[5]), fast_reduce=bool(m[6]), unroll=int(m[7] or 1), prefetch=bool(m[8]),
-                      student_in_l2=bool(m[9]), store_log_ratio=bool(m[10]), store_student_prob=bool(m[11]))
+                      student_in_l2=bool(m[9]), store_log_ratio=bool(m[10]), store_student_prob=bool(m[11]),
+                      relaxed=bool(m[12]))
     if build is not None and build.store_student_prob and (not build.store_log_ratio or build.student_in_l2):
         build = None
     if build is None or not (1 <= build.cluster <= 16) or build.threads % 32 or not 32 <= build.threads <= 1024:
         raise ValueError(f"cluster kernel build {name!r}: expected c<cluster 1-16>t<threads, a multiple of 32>"
-                         "[s<stages 1-2>][m<blocks per SM>][o][r][u<n>][p][l][h][q] (q only with h, without l), "
+                         "[s<stages 1-2>][m<blocks per SM>][o][r][u<n>][p][l][h][q][a] (q only with h, without l), "
                          "e.g. c8t256 or c16t256m2or")
     return build
 
