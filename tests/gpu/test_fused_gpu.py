@@ -222,12 +222,12 @@ def test_cluster_kernel_matches_multi_pass(kind, build, monkeypatch):
     # two blocks per multiprocessor, one row stage, online statistics, one-barrier reductions,
     # unrolled loops, the next row prefetched into L2, the student segment read from L2 with one
     # and two stages, JSD's log-ratio kept in fp16 for the dz pass, and with it p_S, relaxed
-    # cluster arrivals): odd row counts,
-    # segments that end before the cluster's last block (V = 128 + 8), rows that are slices of a
-    # wider buffer (as the fused loss passes them), the benchmark vocabularies, more rows than
-    # resident clusters. Against the multi-pass Triton kernels on the same logits: both compute
-    # in fp32, differing only in the order of the row sums (1e-5) and, for dz, by at most one
-    # bf16 rounding (8e-3 norm-wise, as the Triton single pass).
+    # cluster arrivals): odd row counts, segments that end before the cluster's last block
+    # (V = 128 + 8), rows that are slices of a wider buffer (as the fused loss passes them), the
+    # benchmark vocabularies, more rows than resident clusters. Against the multi-pass Triton
+    # kernels on the same logits: both compute in fp32, differing only in the order of the row
+    # sums (1e-5) and, for dz, by at most one bf16 rounding (8e-3 norm-wise, as the Triton single
+    # pass).
     from megatron_distill.losses.kernels import cluster_single_pass as cluster
     from megatron_distill.losses.kernels import distill_elementwise as ew
 

@@ -28,8 +28,8 @@
 // its error stays below a quarter of dz's own bf16 rounding), RELAXED (1: at a cluster meeting only
 // the thread that wrote the block's partials fences them; every thread arrives at the cluster
 // barrier relaxed instead of with release semantics, a memory barrier per thread and row less).
-// Logarithms are base 2 inside (exp2 /
-// lg2 hardware approximations, as the Triton kernels use); losses are returned in nats.
+// Logarithms are base 2 inside (exp2 / lg2 hardware approximations, as the Triton kernels use);
+// losses are returned in nats.
 
 #ifndef CLUSTER
 #define CLUSTER 8
