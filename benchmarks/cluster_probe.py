@@ -78,8 +78,11 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=512)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--profile", action="store_true", help="a few launches of each build, no timing (for ncu)")
+    parser.add_argument("--lineinfo", action="store_true", help="compile with line information (ncu's source page)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
+    if args.lineinfo:
+        cluster.EXTRA_NVRTC_OPTIONS.append("-lineinfo")
     try:
         builds = {name: cluster.parse_build(name) for name in args.builds}
     except ValueError as exc:

@@ -29,6 +29,9 @@ _SOURCE = Path(__file__).with_name("cluster_single_pass.cu")
 _NAME = "distill_cluster_single_pass"
 _STATIC_SMEM = 4096  # the kernel's static shared memory (480 bytes) with room to spare
 _compiled: dict = {}
+# NVRTC options added to every compile, e.g. "-lineinfo" for Nsight Compute's source view
+# (benchmarks/cluster_probe.py --lineinfo); set before the first launch, the cache ignores them
+EXTRA_NVRTC_OPTIONS: list[str] = []
 _failed: set = set()  # device indices where NVRTC or the driver refused the kernel
 
 
@@ -155,7 +158,7 @@ def compile_cubin(nvrtc, kind: str, arch: str, build: Build = DEFAULT_BUILD) -> 
     ``arch`` (e.g. "sm_90"): the cubin's bytes. Raises RuntimeError with NVRTC's log on failure."""
     nvrtc.nvrtcGetErrorString.restype = ctypes.c_char_p
     options = [f"--gpu-architecture={arch}", "--std=c++17", f"-DKIND={KIND_CODES[kind]}"]
-    options += [f"-D{k}={v}" for k, v in build.defines().items()]
+    options += [f"-D{k}={v}" for k, v in build.defines().items()] + EXTRA_NVRTC_OPTIONS
     prog = ctypes.c_void_p()
     _check_nvrtc(nvrtc, nvrtc.nvrtcCreateProgram(ctypes.byref(prog), _SOURCE.read_bytes(), _SOURCE.name.encode(),
                                                  0, None, None))

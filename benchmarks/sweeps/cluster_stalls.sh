@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# On a lent GPU (carry .whl): where the cluster kernel's warps stall, per source line. For each
+# SPECS entry (build:kind; default the two kind groups' default builds) Nsight Compute samples one
+# launch of the build compiled with -lineinfo (cluster_probe.py --profile --lineinfo), and the
+# source page is reduced to the lines with the most stall samples, with each line's top reasons.
+# Reports, CSVs and logs in $OUT.
+source benchmarks/device_setup.sh
+NCU=$(command -v ncu || ls /usr/local/cuda*/bin/ncu 2>/dev/null | head -1)
+[ -n "$NCU" ] || { echo "no ncu"; exit 1; }
+"$NCU" --version | tail -1
+for spec in ${SPECS:-c8t256s1m2a:forward_kl c8t128s1m2hqa:jsd}; do
+  b=${spec%%:*}; k=${spec#*:}
+  timeout 120 "$NCU" -f -k distill_cluster_single_pass --launch-skip 1 --launch-count 1 --import-source yes \
+    --section SourceCounters --section WarpStateStats -o "$OUT/stalls_${b}_$k" \
+    python benchmarks/cluster_probe.py --builds "$b" --kinds "$k" --profile --lineinfo > "$OUT/stalls_${b}_$k.log" 2>&1
+  for view in cuda sass; do
+    "$NCU" --import "$OUT/stalls_${b}_$k.ncu-rep" --page source --csv --print-source "$view" \
+      > "$OUT/stalls_${b}_${k}_$view.csv" 2>> "$OUT/stalls_${b}_$k.log"
+  done
+  echo "== $b $k"
+  python benchmarks/sweeps/stall_lines.py "$OUT/stalls_${b}_${k}_cuda.csv" 14 || tail -5 "$OUT/stalls_${b}_$k.log"
+done
