@@ -2,7 +2,7 @@
 # On a lent GPU (carry .whl): where the cluster kernel's warps stall, per source line. For each
 # SPECS entry (build:kind; default the two kind groups' default builds) Nsight Compute samples one
 # launch of the build compiled with -lineinfo (cluster_probe.py --profile --lineinfo), and the
-# source page is reduced to the lines with the most stall samples, with each line's top reasons.
+# source page is reduced to the lines (or SASS instructions) with the most stall samples.
 # Reports, CSVs and logs in $OUT.
 source benchmarks/device_setup.sh
 NCU=$(command -v ncu || ls /usr/local/cuda*/bin/ncu 2>/dev/null | head -1)
@@ -18,5 +18,8 @@ for spec in ${SPECS:-c8t256s1m2a:forward_kl c8t128s1m2hqa:jsd}; do
       > "$OUT/stalls_${b}_${k}_$view.csv" 2>> "$OUT/stalls_${b}_$k.log"
   done
   echo "== $b $k"
-  python benchmarks/sweeps/stall_lines.py "$OUT/stalls_${b}_${k}_cuda.csv" 14 || tail -5 "$OUT/stalls_${b}_$k.log"
+  # the CUDA view needs the source imported into the report; the SASS view always works
+  for view in cuda sass; do
+    python benchmarks/sweeps/stall_lines.py "$OUT/stalls_${b}_${k}_$view.csv" 14 | grep -v "no stall-sampling" && break
+  done
 done

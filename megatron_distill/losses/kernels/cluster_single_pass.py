@@ -160,7 +160,9 @@ def compile_cubin(nvrtc, kind: str, arch: str, build: Build = DEFAULT_BUILD) -> 
     options = [f"--gpu-architecture={arch}", "--std=c++17", f"-DKIND={KIND_CODES[kind]}"]
     options += [f"-D{k}={v}" for k, v in build.defines().items()] + EXTRA_NVRTC_OPTIONS
     prog = ctypes.c_void_p()
-    _check_nvrtc(nvrtc, nvrtc.nvrtcCreateProgram(ctypes.byref(prog), _SOURCE.read_bytes(), _SOURCE.name.encode(),
+    # named by its full path, so that Nsight Compute finds the source of a -lineinfo build (cubins
+    # without line information are the same whatever the name)
+    _check_nvrtc(nvrtc, nvrtc.nvrtcCreateProgram(ctypes.byref(prog), _SOURCE.read_bytes(), str(_SOURCE).encode(),
                                                  0, None, None))
     try:
         opts = (ctypes.c_char_p * len(options))(*[o.encode() for o in options])
