@@ -213,7 +213,7 @@ def test_single_pass_rows_that_time_out_are_redone(kind, max_polls, monkeypatch)
 @pytest.mark.parametrize(
     "build", ["c8t256s1m2", "c8t128s1m2", "c8t256", "c16t256m2or", "c8t256s1m2ou2", "c8t256s1m2p", "c8t128s1m5opl",
               "c8t256m2pl", "c8t128s1m2h", "c8t128s1m2hq",
-              "c8t256s1m2a", "c8t128s1m2hqa"]
+              "c8t256s1m2a", "c8t128s1m2hqa", "c8t256s1m3av", "c8t128s1m2hqav", "c8t128s1m5oplv"]
 )
 @pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd"])
 def test_cluster_kernel_matches_multi_pass(kind, build, monkeypatch):
@@ -222,12 +222,12 @@ def test_cluster_kernel_matches_multi_pass(kind, build, monkeypatch):
     # two blocks per multiprocessor, one row stage, online statistics, one-barrier reductions,
     # unrolled loops, the next row prefetched into L2, the student segment read from L2 with one
     # and two stages, JSD's log-ratio kept in fp16 for the dz pass, and with it p_S, relaxed
-    # cluster arrivals): odd row counts, segments that end before the cluster's last block
-    # (V = 128 + 8), rows that are slices of a wider buffer (as the fused loss passes them), the
-    # benchmark vocabularies, more rows than resident clusters. Against the multi-pass Triton
-    # kernels on the same logits: both compute in fp32, differing only in the order of the row
-    # sums (1e-5) and, for dz, by at most one bf16 rounding (8e-3 norm-wise, as the Triton single
-    # pass).
+    # cluster arrivals, each thread's next vectors read ahead): odd row counts, segments that end
+    # before the cluster's last block (V = 128 + 8), rows that are slices of a wider buffer (as
+    # the fused loss passes them), the benchmark vocabularies, more rows than resident clusters.
+    # Against the multi-pass Triton kernels on the same logits: both compute in fp32, differing
+    # only in the order of the row sums (1e-5) and, for dz, by at most one bf16 rounding (8e-3
+    # norm-wise, as the Triton single pass).
     from megatron_distill.losses.kernels import cluster_single_pass as cluster
     from megatron_distill.losses.kernels import distill_elementwise as ew
 

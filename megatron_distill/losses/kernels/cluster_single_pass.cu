@@ -27,8 +27,10 @@
 // keeps 11 significant bits of p_S down to p_S = 2^-29, and dz is p_S times a row-wide factor, so
 // its error stays below a quarter of dz's own bf16 rounding), RELAXED (1: at a cluster meeting only
 // the thread that wrote the block's partials fences them; every thread arrives at the cluster
-// barrier relaxed instead of with release semantics, a memory barrier per thread and row less).
-// Logarithms are base 2 inside (exp2 / lg2 hardware approximations, as the Triton kernels use);
+// barrier relaxed instead of with release semantics, a memory barrier per thread and row less),
+// PIPE (1: every pass over a segment reads the thread's next 16-byte vectors before it computes on
+// the current ones, so the shared-memory latency hides behind the math instead of stalling the
+// unpacking). Logarithms are base 2 inside (exp2 / lg2 hardware approximations, as the Triton kernels use);
 // losses are returned in nats.
 
 #ifndef CLUSTER
@@ -72,6 +74,9 @@
 #define P_SCALE 32768.0f  // 2^15: p_S <= 1 stays below fp16's largest finite value
 #ifndef RELAXED
 #define RELAXED 0
+#endif
+#ifndef PIPE
+#define PIPE 0
 #endif
 constexpr int kUnroll = UNROLL;
 
@@ -160,11 +165,48 @@ __device__ __forceinline__ uint4 student_vec(const uint4* vs, int i) {
 #endif
 }
 
-// Vector i (8 elements) of both rows' segments (the teacher's in shared memory), as fp32.
-__device__ __forceinline__ void load_pair(const uint4* vs, const uint4* vt, int i, float* s, float* t) {
-    unpack8(student_vec(vs, i), s);
-    unpack8(vt[i], t);
+// Eight bf16 (HALF false) or fp16 (HALF true) values of a vector as floats.
+template <bool HALF>
+__device__ __forceinline__ void unpack(uint4 v, float* out) {
+    if (HALF) {
+        unpack_half8(v, out);
+    } else {
+        unpack8(v, out);
+    }
 }
+
+// This thread's 16-byte vectors i = threadIdx.x, + THREADS, ... of both rows' segments (the
+// teacher's in shared memory), in that order, one pass over the segment per object, as floats
+// (bf16 logits, or fp16 where a pass left JSD's p_S or log-ratio: S_HALF / T_HALF). PIPE: vector
+// i + THREADS is read when vector i is handed out, before the caller computes on it; a caller may
+// overwrite vector i (the next read is of another vector).
+struct Vectors {
+    const uint4 *vs, *vt;
+    int n_vec;
+    uint4 s_next, t_next;  // PIPE: the vectors of the next call
+    __device__ __forceinline__ Vectors(const uint4* vs_, const uint4* vt_, int n_vec_)
+        : vs(vs_), vt(vt_), n_vec(n_vec_) {
+#if PIPE
+        if ((int)threadIdx.x < n_vec) read(threadIdx.x);
+#endif
+    }
+    __device__ __forceinline__ void read(int i) {
+        s_next = student_vec(vs, i);
+        t_next = vt[i];
+    }
+    template <bool S_HALF = false, bool T_HALF = false>
+    __device__ __forceinline__ void pair(int i, float* s, float* t) {
+#if PIPE
+        const uint4 a = s_next, b = t_next;
+        if (i + THREADS < n_vec) read(i + THREADS);
+        unpack<S_HALF>(a, s);
+        unpack<T_HALF>(b, t);
+#else
+        unpack<S_HALF>(student_vec(vs, i), s);
+        unpack<T_HALF>(vt[i], t);
+#endif
+    }
+};
 
 // Asks L2 for `bytes` (a multiple of 16) of global memory at p (16-byte aligned); no wait.
 __device__ __forceinline__ void prefetch_l2(const void* p, unsigned bytes) {
@@ -338,10 +380,11 @@ extern "C" __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(THR
 #if ONLINE
         // running maxima and sums relative to them, rescaled when a vector raises the maximum
         float mx[2] = {NEG_INF, NEG_INF}, run[3] = {0.0f, 0.0f, 0.0f};
+        Vectors stats_vecs(vs, vt, n_vec);
 #pragma unroll kUnroll
         for (int i = threadIdx.x; i < n_vec; i += THREADS) {
             float s[8], t[8];
-            load_pair(vs, vt, i, s, t);
+            stats_vecs.pair(i, s, t);
             float gs = s[0], gt = t[0];
 #pragma unroll
             for (int j = 1; j < 8; ++j) {
@@ -364,10 +407,11 @@ extern "C" __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(THR
         block_reduce<3, false>(sums, scratch_next());
 #else
         float mx[2] = {NEG_INF, NEG_INF};
+        Vectors max_vecs(vs, vt, n_vec);
 #pragma unroll kUnroll
         for (int i = threadIdx.x; i < n_vec; i += THREADS) {
             float s[8], t[8];
-            load_pair(vs, vt, i, s, t);
+            max_vecs.pair(i, s, t);
 #pragma unroll
             for (int j = 0; j < 8; ++j) {
                 mx[0] = fmaxf(mx[0], s[j]);
@@ -377,10 +421,11 @@ extern "C" __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(THR
         block_reduce<2, true>(mx, scratch_next());
         const float ms_loc = exp_base(mx[0]), mt_loc = exp_base(mx[1]);
         float sums[3] = {0.0f, 0.0f, 0.0f};
+        Vectors sum_vecs(vs, vt, n_vec);
 #pragma unroll kUnroll
         for (int i = threadIdx.x; i < n_vec; i += THREADS) {
             float s[8], t[8];
-            load_pair(vs, vt, i, s, t);
+            sum_vecs.pair(i, s, t);
             add_exp_sums(s, t, ms_loc, mt_loc, scale2, sums);
         }
         block_reduce<3, false>(sums, scratch_next());
@@ -423,10 +468,11 @@ extern "C" __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(THR
             row_term = (a / l_s - ((m_s - m_t) * scale2 + lg_s - lg_t)) * LN2;  // E_pS[s - t] c ln2 - lse diff
         } else if (KIND == 2) {
             float kl[2] = {0.0f, 0.0f};
+            Vectors kl_vecs(vs, vt, n_vec);
 #pragma unroll kUnroll
             for (int i = threadIdx.x; i < n_vec; i += THREADS) {
                 float s[8], t[8], r[8], q[8];
-                load_pair(vs, vt, i, s, t);
+                kl_vecs.pair(i, s, t);
 #pragma unroll
                 for (int j = 0; j < 8; ++j) {
                     const float ls = log2p_s(s[j]), lt = log2p_t(t[j]);
@@ -460,17 +506,16 @@ extern "C" __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(THR
         const float g = KIND == 2 ? (1.0f - beta) * grad_scale : grad_scale;
         [[maybe_unused]] const float g_kept = g / P_SCALE;  // dz = q (r ln2 - row term) g_kept
         float term = 0.0f;
+        Vectors dz_vecs(vs, vt, n_vec);
 #pragma unroll kUnroll
         for (int i = threadIdx.x; i < n_vec; i += THREADS) {
             float s[8], t[8];
             if (KEEP_P) {
-                unpack_half8(vs[i], s);  // s holds p_S 2^15 here
-                unpack_half8(vt[i], t);
+                dz_vecs.pair<true, true>(i, s, t);  // s holds p_S 2^15 here, t log2 p_S - log2 M
             } else if (KIND == 2 && STORE_R) {
-                unpack8(student_vec(vs, i), s);
-                unpack_half8(vt[i], t);  // t holds log2 p_S - log2 M here
+                dz_vecs.pair<false, true>(i, s, t);  // t holds log2 p_S - log2 M here
             } else {
-                load_pair(vs, vt, i, s, t);
+                dz_vecs.pair(i, s, t);
             }
             float dz[8];
 #pragma unroll

@@ -46,8 +46,9 @@ class Build:
     block), JSD's log-ratio kept in fp16 for the dz pass (``store_log_ratio``: one exp2 per
     element there instead of two exp2 and a lg2), and with it JSD's p_S 2^15 kept in fp16 over
     the student logit (``store_student_prob``: no exp2 in the dz pass), and cluster meetings
-    where only the partials' writer fences and every thread arrives relaxed (``relaxed``). Named
-    like ``c16t256s2m2or`` or ``c8t128s1m2hqa`` (``parse_build``)."""
+    where only the partials' writer fences and every thread arrives relaxed (``relaxed``), and
+    passes that read a thread's next vectors from shared memory before computing on the current
+    ones (``pipelined``). Named like ``c16t256s2m2or`` or ``c8t128s1m2hqa`` (``parse_build``)."""
 
     cluster: int = CLUSTER
     threads: int = THREADS
@@ -61,6 +62,7 @@ class Build:
     store_log_ratio: bool = False
     store_student_prob: bool = False
     relaxed: bool = False
+    pipelined: bool = False
 
     @property
     def name(self) -> str:
@@ -70,7 +72,7 @@ class Build:
                 + ("r" if self.fast_reduce else "") + (f"u{self.unroll}" if self.unroll != 1 else "")
                 + ("p" if self.prefetch else "") + ("l" if self.student_in_l2 else "")
                 + ("h" if self.store_log_ratio else "") + ("q" if self.store_student_prob else "")
-                + ("a" if self.relaxed else ""))
+                + ("a" if self.relaxed else "") + ("v" if self.pipelined else ""))
 
     def defines(self) -> dict:
         """The source's compile-time constants for this build."""
@@ -78,16 +80,16 @@ class Build:
                     ONLINE=int(self.online), FASTRED=int(self.fast_reduce), UNROLL=self.unroll,
                     PREFETCH=int(self.prefetch), HOLD_STUDENT=int(not self.student_in_l2),
                     STORE_R=int(self.store_log_ratio), STORE_P=int(self.store_student_prob),
-                    RELAXED=int(self.relaxed))
+                    RELAXED=int(self.relaxed), PIPE=int(self.pipelined))
 
 
 # c8t256s1m2a: the KL kinds' default (NOTES_loss_kernel.md, iterations 17 and 19)
 DEFAULT_BUILD = Build(stages=1, min_blocks=2, relaxed=True)
-_BUILD_NAME = re.compile(r"c(\d+)t(\d+)(?:s([12]))?(?:m(\d))?(o)?(r)?(?:u(\d))?(p)?(l)?(h)?(q)?(a)?")
+_BUILD_NAME = re.compile(r"c(\d+)t(\d+)(?:s([12]))?(?:m(\d))?(o)?(r)?(?:u(\d))?(p)?(l)?(h)?(q)?(a)?(v)?")
 
 
 def parse_build(name: str) -> Build:
-    """``Build`` from a name of the form ``c<cluster>t<threads>[s<stages>][m<blocks>][o][r][u<n>][p][l][h][q][a]``,
+    """``Build`` from a name of the form ``c<cluster>t<threads>[s<stages>][m<blocks>][o][r][u<n>][p][l][h][q][a][v]``,
     e.g. "c8t256s1m2a" (``DEFAULT_BUILD``) or "c16t256m2or"; ``q`` needs ``h`` and not ``l`` (it
     overwrites the student segment held in shared memory)."""
     m = _BUILD_NAME.fullmatch(name.strip())
@@ -96,12 +98,12 @@ def parse_build(name: str) -> Build:
         build = Build(cluster=int(m[1]), threads=int(m[2]), stages=int(m[3] or 2), min_blocks=int(m[4] or 1),
                       online=bool(m[5]), fast_reduce=bool(m[6]), unroll=int(m[7] or 1), prefetch=bool(m[8]),
                       student_in_l2=bool(m[9]), store_log_ratio=bool(m[10]), store_student_prob=bool(m[11]),
-                      relaxed=bool(m[12]))
+                      relaxed=bool(m[12]), pipelined=bool(m[13]))
     if build is not None and build.store_student_prob and (not build.store_log_ratio or build.student_in_l2):
         build = None
     if build is None or not (1 <= build.cluster <= 16) or build.threads % 32 or not 32 <= build.threads <= 1024:
         raise ValueError(f"cluster kernel build {name!r}: expected c<cluster 1-16>t<threads, a multiple of 32>"
-                         "[s<stages 1-2>][m<blocks per SM>][o][r][u<n>][p][l][h][q][a] (q only with h, without l), "
+                         "[s<stages 1-2>][m<blocks per SM>][o][r][u<n>][p][l][h][q][a][v] (q only with h, without l), "
                          "e.g. c8t256 or c16t256m2or")
     return build
 
