@@ -67,12 +67,14 @@ class Build:
     @property
     def name(self) -> str:
         """The build's short name, the inverse of ``parse_build``."""
-        return (f"c{self.cluster}t{self.threads}" + (f"s{self.stages}" if self.stages != 2 else "")
-                + (f"m{self.min_blocks}" if self.min_blocks != 1 else "") + ("o" if self.online else "")
-                + ("r" if self.fast_reduce else "") + (f"u{self.unroll}" if self.unroll != 1 else "")
-                + ("p" if self.prefetch else "") + ("l" if self.student_in_l2 else "")
-                + ("h" if self.store_log_ratio else "") + ("q" if self.store_student_prob else "")
-                + ("a" if self.relaxed else "") + ("v" if self.pipelined else ""))
+        name = f"c{self.cluster}t{self.threads}"
+        for letter, field, number in _NAME_PARTS:
+            value = getattr(self, field)
+            if number is None:
+                name += letter if value else ""
+            elif value != _DEFAULTS[field]:
+                name += f"{letter}{value}"
+        return name
 
     def defines(self) -> dict:
         """The source's compile-time constants for this build."""
@@ -83,9 +85,29 @@ class Build:
                     RELAXED=int(self.relaxed), PIPE=int(self.pipelined))
 
 
+# The optional parts of a build's name after c<cluster>t<threads>, in their order: letter, Build
+# field, and for a numbered part (shown only where it differs from the default) its digits' pattern
+# and meaning; the other parts are flags.
+_NAME_PARTS = (
+    ("s", "stages", ("[12]", "stages 1-2")),
+    ("m", "min_blocks", (r"\d", "blocks per SM")),
+    ("o", "online", None),
+    ("r", "fast_reduce", None),
+    ("u", "unroll", (r"\d", "n")),
+    ("p", "prefetch", None),
+    ("l", "student_in_l2", None),
+    ("h", "store_log_ratio", None),
+    ("q", "store_student_prob", None),
+    ("a", "relaxed", None),
+    ("v", "pipelined", None),
+)
+_DEFAULTS = {field: getattr(Build(), field) for _, field, _ in _NAME_PARTS}
+_BUILD_NAME = re.compile(r"c(\d+)t(\d+)" + "".join(
+    f"(?:{letter}({number[0]}))?" if number else f"({letter})?" for letter, _, number in _NAME_PARTS))
+_NAME_FORM = "".join(f"[{letter}<{number[1]}>]" if number else f"[{letter}]" for letter, _, number in _NAME_PARTS)
+
 # c8t256s1m2a: the KL kinds' default (NOTES_loss_kernel.md, iterations 17 and 19)
 DEFAULT_BUILD = Build(stages=1, min_blocks=2, relaxed=True)
-_BUILD_NAME = re.compile(r"c(\d+)t(\d+)(?:s([12]))?(?:m(\d))?(o)?(r)?(?:u(\d))?(p)?(l)?(h)?(q)?(a)?(v)?")
 
 
 def parse_build(name: str) -> Build:
@@ -95,16 +117,14 @@ def parse_build(name: str) -> Build:
     m = _BUILD_NAME.fullmatch(name.strip())
     build = None
     if m is not None:
-        build = Build(cluster=int(m[1]), threads=int(m[2]), stages=int(m[3] or 2), min_blocks=int(m[4] or 1),
-                      online=bool(m[5]), fast_reduce=bool(m[6]), unroll=int(m[7] or 1), prefetch=bool(m[8]),
-                      student_in_l2=bool(m[9]), store_log_ratio=bool(m[10]), store_student_prob=bool(m[11]),
-                      relaxed=bool(m[12]), pipelined=bool(m[13]))
+        parts = {field: (int(got) if got else _DEFAULTS[field]) if number else bool(got)
+                 for (_, field, number), got in zip(_NAME_PARTS, m.groups()[2:], strict=True)}
+        build = Build(cluster=int(m[1]), threads=int(m[2]), **parts)
     if build is not None and build.store_student_prob and (not build.store_log_ratio or build.student_in_l2):
         build = None
     if build is None or not (1 <= build.cluster <= 16) or build.threads % 32 or not 32 <= build.threads <= 1024:
         raise ValueError(f"cluster kernel build {name!r}: expected c<cluster 1-16>t<threads, a multiple of 32>"
-                         "[s<stages 1-2>][m<blocks per SM>][o][r][u<n>][p][l][h][q][a][v] (q only with h, without l), "
-                         "e.g. c8t256 or c16t256m2or")
+                         f"{_NAME_FORM} (q only with h, without l), e.g. c8t256 or c16t256m2or")
     return build
 
 
