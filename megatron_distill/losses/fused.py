@@ -218,13 +218,18 @@ def _fused_forward(hs, ws, ht, wt, loss_mask, cfg: _Config, need_gh: bool, need_
         n, v_local, ws.shape[1], ws.element_size(), device, cfg.chunk_tokens, cfg.teacher_chunk_tokens,
         teacher_quarter=single,
     )
+
+    def student_logits(c0: int, c1: int) -> tuple[torch.Tensor, torch.Tensor]:
+        # counted rows c0:c1's hidden states and their logits, in the student chunk buffer
+        hs_c = rows(hs, idx, c0, c1)
+        return hs_c, torch.mm(hs_c, ws.t(), out=buf_s[: c1 - c0])
+
     hs_c = zs = None
     if n > 0:
         # the first chunk's logits GEMM goes out before the rest of the set-up, so that a GPU
         # with nothing queued (a call at the start of a step) starts while the host prepares
         buf_s = torch.empty((chunk, v_local), dtype=ws.dtype, device=device)
-        hs_c, zs = rows(hs, idx, 0, min(chunk, n)), buf_s[: min(chunk, n)]
-        torch.mm(hs_c, ws.t(), out=zs)
+        hs_c, zs = student_logits(0, min(chunk, n))
         buf_t = torch.empty((teacher_chunk, v_local), dtype=wt.dtype, device=device)
     grads = OutputLayerGrads(hs, ws, idx, n, need_gh, need_gw, cfg.fp32_weight_grad, weight_grad_into,
                              weight_grad_scale)
@@ -238,9 +243,7 @@ def _fused_forward(hs, ws, ht, wt, loss_mask, cfg: _Config, need_gh: bool, need_
     for c0 in range(0, n, chunk):
         c1 = min(c0 + chunk, n)
         if c0 > 0:
-            hs_c = rows(hs, idx, c0, c1)
-            zs = buf_s[: c1 - c0]
-            torch.mm(hs_c, ws.t(), out=zs)
+            hs_c, zs = student_logits(c0, c1)
         for t0 in range(0, c1 - c0, teacher_chunk):
             t1 = min(t0 + teacher_chunk, c1 - c0)
             zt = buf_t[: t1 - t0]

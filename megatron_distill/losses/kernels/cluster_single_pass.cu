@@ -30,8 +30,8 @@
 // barrier relaxed instead of with release semantics, a memory barrier per thread and row less),
 // PIPE (1: every pass over a segment reads the thread's next 16-byte vectors before it computes on
 // the current ones, so the shared-memory latency hides behind the math instead of stalling the
-// unpacking). Logarithms are base 2 inside (exp2 / lg2 hardware approximations, as the Triton kernels use);
-// losses are returned in nats.
+// unpacking). Logarithms are base 2 inside (exp2 / lg2 hardware approximations, as the Triton
+// kernels use); losses are returned in nats.
 
 #ifndef CLUSTER
 #define CLUSTER 8
