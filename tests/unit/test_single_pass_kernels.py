@@ -160,7 +160,7 @@ def test_cluster_kernel_geometry_and_switch(monkeypatch):
     # builds: names round-trip, bad names and settings are refused with the setting named, and
     # the per-kind setting picks each kind's build
     for name in ("c8t512", "c16t256m2or", "c8t256s1m2ou2", "c4t128o", "c8t256s1m2p", "c8t128s1m5opl", "c8t128s1m2h",
-                 "c8t128s1m2hq", "c8t256s1m2a", "c8t128s1m2hqa", "c8t256s1m3av"):
+                 "c8t128s1m2hq", "c8t256s1m2a", "c8t128s1m2hqa", "c8t256s1m3av", "c8t256s1m2ab", "c8t128s1m2hqavb"):
         assert cluster.parse_build(name).name == name
     assert cluster.parse_build("c8t256s1m2a") == cluster.DEFAULT_BUILD
     assert cluster.shared_bytes(151936, cluster.parse_build("c16t256s1m4")) * 4 <= 227 * 1024
@@ -173,8 +173,10 @@ def test_cluster_kernel_geometry_and_switch(monkeypatch):
     assert cluster.parse_build("c8t128s1m2hq").defines()["STORE_P"] == 1
     assert cluster.parse_build("c8t256s1m2a").defines()["RELAXED"] == 1
     assert cluster.parse_build("c8t256s1m3av").defines()["PIPE"] == 1
-    # p_S over the student segment needs the log-ratio pass and the segment in shared memory
-    for bad in ("c32t256", "c8t100", "c8t512s3", "cluster", "c8t128s1m2q", "c8t128s1m2lhq"):
+    assert cluster.parse_build("c8t256s1m2ab").defines()["LOAD_BEHIND"] == 1
+    # p_S over the student segment needs the log-ratio pass and the segment in shared memory; the
+    # next row's copy during the dz pass needs the one row stage it refills
+    for bad in ("c32t256", "c8t100", "c8t512s3", "cluster", "c8t128s1m2q", "c8t128s1m2lhq", "c8t256ab", "c8t256s2ab"):
         with pytest.raises(ValueError, match="cluster kernel build"):
             cluster.parse_build(bad)
     monkeypatch.setitem(ew.KERNEL_CONFIG, "cluster_build", "kl:c8t256,jsd:c16t256m2or")

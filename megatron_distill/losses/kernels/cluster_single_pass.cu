@@ -30,7 +30,11 @@
 // barrier relaxed instead of with release semantics, a memory barrier per thread and row less),
 // PIPE (1: every pass over a segment reads the thread's next 16-byte vectors before it computes on
 // the current ones, so the shared-memory latency hides behind the math instead of stalling the
-// unpacking). Logarithms are base 2 inside (exp2 / lg2 hardware approximations, as the Triton
+// unpacking), LOAD_BEHIND (STAGES 1 only, 1: the dz pass starts the next row's copy of each vector
+// into shared memory as soon as it has written that vector's dz, so the load of the next row
+// overlaps the rest of this row's dz pass instead of starting after it; every pass maps vector i to
+// the same thread, so the thread that issues the copy is the only reader of the slot it refills).
+// Logarithms are base 2 inside (exp2 / lg2 hardware approximations, as the Triton
 // kernels use); losses are returned in nats.
 
 #ifndef CLUSTER
@@ -77,6 +81,12 @@
 #endif
 #ifndef PIPE
 #define PIPE 0
+#endif
+#ifndef LOAD_BEHIND
+#define LOAD_BEHIND 0
+#endif
+#if LOAD_BEHIND && STAGES != 1
+#error "LOAD_BEHIND refills the one row stage: it needs STAGES 1"
 #endif
 constexpr int kUnroll = UNROLL;
 
@@ -332,30 +342,36 @@ extern "C" __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(THR
     auto teacher_at = [&](int row) { return zt + (long long)row * stride_t + col0; };
     [[maybe_unused]] const unsigned seg_bytes = 16u * n_vec;
 
+    // a row's copy into stage k: the student segment into L2 (without HOLD_STUDENT; a no-op where
+    // PREFETCH put it), each thread's vectors (copy_vec), then cp_async_commit
+    auto prefetch_student = [&](const bf16* gs) {
+#if !HOLD_STUDENT
+        if (threadIdx.x == 0 && n_vec > 0) prefetch_l2(gs, seg_bytes);
+#endif
+    };
+    auto copy_vec = [&](const bf16* gs, const bf16* gt, int k, int i) {
+        if (HOLD_STUDENT) cp_async16(stage(k, 0) + 8 * i, gs + 8 * i);
+        cp_async16(stage(k, 1) + 8 * i, gt + 8 * i);
+    };
     auto load_row = [&](int row, int k) {
         const bf16* gs = student_at(row);
         const bf16* gt = teacher_at(row);
-#if !HOLD_STUDENT
-        if (threadIdx.x == 0 && n_vec > 0) prefetch_l2(gs, seg_bytes);  // a no-op where PREFETCH put it
-#endif
-        for (int i = threadIdx.x; i < n_vec; i += THREADS) {
-            if (HOLD_STUDENT) cp_async16(stage(k, 0) + 8 * i, gs + 8 * i);
-            cp_async16(stage(k, 1) + 8 * i, gt + 8 * i);
-        }
+        prefetch_student(gs);
+        for (int i = threadIdx.x; i < n_vec; i += THREADS) copy_vec(gs, gt, k, i);
         cp_async_commit();
     };
 
     // k: this row's shared-memory stage; p: the parity of its partials, which alternates every
     // row so that a block never overwrites partials a slower peer may still be reading
     int row = cluster, k = 0, p = 0;
-#if STAGES == 2
+#if STAGES == 2 || LOAD_BEHIND
     if (row < n_rows) load_row(row, 0);
 #endif
     for (; row < n_rows; row += n_clusters, k = (k + 1) % STAGES, p ^= 1) {
         [[maybe_unused]] const int next = row + n_clusters;
 #if PREFETCH
-        // the row after the one loading now: with two stages that is two rows ahead
-        const int ahead = next + (STAGES == 2 ? n_clusters : 0);
+        // the row after the one loading now: with two stages or LOAD_BEHIND that is two rows ahead
+        const int ahead = next + (STAGES == 2 || LOAD_BEHIND ? n_clusters : 0);
         if (threadIdx.x == 0 && ahead < n_rows && n_vec > 0) {
             prefetch_l2(student_at(ahead), seg_bytes);
             prefetch_l2(teacher_at(ahead), seg_bytes);
@@ -368,6 +384,8 @@ extern "C" __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(THR
         } else {
             cp_async_wait<0>();
         }
+#elif LOAD_BEHIND
+        cp_async_wait<0>();  // the copy the previous row's dz pass started
 #else
         load_row(row, 0);
         cp_async_wait<0>();
@@ -506,6 +524,9 @@ extern "C" __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(THR
         const float g = KIND == 2 ? (1.0f - beta) * grad_scale : grad_scale;
         [[maybe_unused]] const float g_kept = g / P_SCALE;  // dz = q (r ln2 - row term) g_kept
         float term = 0.0f;
+        [[maybe_unused]] const bool refill = LOAD_BEHIND && next < n_rows;
+        [[maybe_unused]] const bf16 *next_s = student_at(next), *next_t = teacher_at(next);
+        if (LOAD_BEHIND && refill) prefetch_student(next_s);
         Vectors dz_vecs(vs, vt, n_vec);
 #pragma unroll kUnroll
         for (int i = threadIdx.x; i < n_vec; i += THREADS) {
@@ -541,7 +562,10 @@ extern "C" __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(THR
                 }
             }
             store8(out, i, dz);
+            // vector i's values are in registers and used (dz is stored): its slot may be refilled
+            if (LOAD_BEHIND && refill) copy_vec(next_s, next_t, 0, i);
         }
+        if (LOAD_BEHIND && refill) cp_async_commit();
         if (KIND < 2) {
             float v[1] = {term};
             block_reduce<1, false>(v, scratch_next());

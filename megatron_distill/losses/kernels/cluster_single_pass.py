@@ -48,7 +48,9 @@ class Build:
     the student logit (``store_student_prob``: no exp2 in the dz pass), and cluster meetings
     where only the partials' writer fences and every thread arrives relaxed (``relaxed``), and
     passes that read a thread's next vectors from shared memory before computing on the current
-    ones (``pipelined``). Named like ``c16t256s2m2or`` or ``c8t128s1m2hqa`` (``parse_build``)."""
+    ones (``pipelined``), and, with one stage, a dz pass that starts the next row's copy of each
+    vector as soon as that vector's dz is written (``load_behind``). Named like ``c16t256s2m2or``
+    or ``c8t128s1m2hqa`` (``parse_build``)."""
 
     cluster: int = CLUSTER
     threads: int = THREADS
@@ -63,6 +65,7 @@ class Build:
     store_student_prob: bool = False
     relaxed: bool = False
     pipelined: bool = False
+    load_behind: bool = False
 
     @property
     def name(self) -> str:
@@ -82,7 +85,8 @@ class Build:
                     ONLINE=int(self.online), FASTRED=int(self.fast_reduce), UNROLL=self.unroll,
                     PREFETCH=int(self.prefetch), HOLD_STUDENT=int(not self.student_in_l2),
                     STORE_R=int(self.store_log_ratio), STORE_P=int(self.store_student_prob),
-                    RELAXED=int(self.relaxed), PIPE=int(self.pipelined))
+                    RELAXED=int(self.relaxed), PIPE=int(self.pipelined),
+                    LOAD_BEHIND=int(self.load_behind))
 
 
 # The optional parts of a build's name after c<cluster>t<threads>, in their order: letter, Build
@@ -100,6 +104,7 @@ _NAME_PARTS = (
     ("q", "store_student_prob", None),
     ("a", "relaxed", None),
     ("v", "pipelined", None),
+    ("b", "load_behind", None),
 )
 _DEFAULTS = {field: getattr(Build(), field) for _, field, _ in _NAME_PARTS}
 _BUILD_NAME = re.compile(r"c(\d+)t(\d+)" + "".join(
@@ -111,9 +116,11 @@ DEFAULT_BUILD = Build(stages=1, min_blocks=2, relaxed=True)
 
 
 def parse_build(name: str) -> Build:
-    """``Build`` from a name of the form ``c<cluster>t<threads>[s<stages>][m<blocks>][o][r][u<n>][p][l][h][q][a][v]``,
-    e.g. "c8t256s1m2a" (``DEFAULT_BUILD``) or "c16t256m2or"; ``q`` needs ``h`` and not ``l`` (it
-    overwrites the student segment held in shared memory)."""
+    """``Build`` from a name of the form
+    ``c<cluster>t<threads>[s<stages>][m<blocks>][o][r][u<n>][p][l][h][q][a][v][b]``, e.g.
+    "c8t256s1m2a" (``DEFAULT_BUILD``) or "c16t256m2or"; ``q`` needs ``h`` and not ``l`` (it
+    overwrites the student segment held in shared memory), ``b`` needs ``s1`` (it refills the one
+    row stage)."""
     m = _BUILD_NAME.fullmatch(name.strip())
     build = None
     if m is not None:
@@ -122,9 +129,11 @@ def parse_build(name: str) -> Build:
         build = Build(cluster=int(m[1]), threads=int(m[2]), **parts)
     if build is not None and build.store_student_prob and (not build.store_log_ratio or build.student_in_l2):
         build = None
+    if build is not None and build.load_behind and build.stages != 1:
+        build = None
     if build is None or not (1 <= build.cluster <= 16) or build.threads % 32 or not 32 <= build.threads <= 1024:
         raise ValueError(f"cluster kernel build {name!r}: expected c<cluster 1-16>t<threads, a multiple of 32>"
-                         f"{_NAME_FORM} (q only with h, without l), e.g. c8t256 or c16t256m2or")
+                         f"{_NAME_FORM} (q only with h, without l; b only with s1), e.g. c8t256 or c16t256m2or")
     return build
 
 
