@@ -147,7 +147,6 @@ def test_teacher_gets_no_grad_and_grad_output_scales(impl):
     assert _rel(w.grad, 2.5 * ref[2]) <= 1e-5
 
 
-
 def test_backward_twice_through_a_retained_graph(impl):
     # backward hands autograd the gradients the forward stored (no copy); a second backward
     # through the same graph must still add exactly its own share (on CUDA: test_fused_gpu.py)
@@ -180,6 +179,7 @@ def test_scale_unless_one_kernel(dtype):
         scale_unless_one_(x, torch.ones(2))
     with pytest.raises(ValueError, match="contiguous"):
         scale_unless_one_(x.t(), torch.ones(()))
+
 
 def test_fp32_weight_grad_accumulator_matches(impl):
     h, w, ht, wt = _inputs(20, 8, 8, 40, torch.bfloat16, seed=5)
