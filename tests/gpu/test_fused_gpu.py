@@ -214,7 +214,7 @@ def test_single_pass_rows_that_time_out_are_redone(kind, max_polls, monkeypatch)
     "build", ["c8t256s1m2", "c8t128s1m2", "c8t256", "c16t256m2or", "c8t256s1m2ou2", "c8t256s1m2p", "c8t128s1m5opl",
               "c8t256m2pl", "c8t128s1m2h", "c8t128s1m2hq",
               "c8t256s1m2a", "c8t128s1m2hqa", "c8t256s1m3av", "c8t128s1m2hqav", "c8t128s1m5oplv", "c8t256s1m2ab",
-              "c8t128s1m2hqab", "c8t128s1m5oplb"]
+              "c8t128s1m2hqab", "c8t128s1m5oplb", "c8t128s1m2ab"]
 )
 @pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd"])
 def test_cluster_kernel_matches_multi_pass(kind, build, monkeypatch):
