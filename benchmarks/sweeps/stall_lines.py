@@ -18,14 +18,15 @@ def _number(text: str) -> float:
         return 0.0
 
 
-def main() -> None:
+def main() -> int:
+    """Prints the report; returns 1 (the exit status) where the CSV has no stall samples."""
     path, top = sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 12
     with open(path, newline="") as f:
         rows = [r for r in csv.reader(f) if r]
     head_at = next((i for i, r in enumerate(rows) if any("Stall Sampling" in c for c in r)), None)
     if head_at is None:
         print(f"{path}: no stall-sampling column; first rows:", *rows[:3], sep="\n")
-        return
+        return 1
     head, body = rows[head_at], rows[head_at + 1 :]
     total_col = next(i for i, c in enumerate(head) if c.startswith("Warp Stall Sampling (All"))
     source_col = head.index("Source") if "Source" in head else 1  # the CUDA line or the SASS instruction
@@ -39,7 +40,8 @@ def main() -> None:
         reasons = sorted(((_number(r[i]), head[i]) for i in reason_cols), reverse=True)[:3]
         why = ", ".join(f"{name} {value:.0f}" for value, name in reasons if value)
         print(f"{100 * _number(r[total_col]) / total:5.1f}%  {r[source_col].strip()[:90]}  [{why}]")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
