@@ -214,7 +214,8 @@ def test_single_pass_rows_that_time_out_are_redone(kind, max_polls, monkeypatch)
     "build", ["c8t256s1m2", "c8t128s1m2", "c8t256", "c16t256m2or", "c8t256s1m2ou2", "c8t256s1m2p", "c8t128s1m5opl",
               "c8t256m2pl", "c8t128s1m2h", "c8t128s1m2hq",
               "c8t256s1m2a", "c8t128s1m2hqa", "c8t256s1m3av", "c8t128s1m2hqav", "c8t128s1m5oplv", "c8t256s1m2ab",
-              "c8t128s1m2hqab", "c8t128s1m5oplb", "c8t128s1m2ab"]
+              "c8t128s1m2hqab", "c8t128s1m5oplb", "c8t128s1m2ab", "c8t128s1m2abnf", "c8t128s1m2hqanf", "c8t256nf",
+              "c8t128s1m2ohqaf", "c8t128s1m5oplbnf"]
 )
 @pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd"])
 def test_cluster_kernel_matches_multi_pass(kind, build, monkeypatch):
@@ -224,7 +225,8 @@ def test_cluster_kernel_matches_multi_pass(kind, build, monkeypatch):
     # unrolled loops, the next row prefetched into L2, the student segment read from L2 with one
     # and two stages, JSD's log-ratio kept in fp16 for the dz pass, and with it p_S, relaxed
     # cluster arrivals, each thread's next vectors read ahead, the next row's copy started by the
-    # dz pass, with the student segment held or read from L2): odd row counts, segments that end
+    # dz pass, with the student segment held or read from L2, no block barrier around a row's copy,
+    # maxima on bf16 pairs and fma exponents in the sums): odd row counts, segments that end
     # before the cluster's last block (V = 128 + 8), rows that are slices of a wider buffer (as
     # the fused loss passes them), the benchmark vocabularies, more rows than resident clusters.
     # Against the multi-pass Triton kernels on the same logits: both compute in fp32, differing

@@ -160,7 +160,8 @@ def test_cluster_kernel_geometry_and_switch(monkeypatch):
     # builds: names round-trip, bad names and settings are refused with the setting named, and
     # the per-kind setting picks each kind's build
     for name in ("c8t512", "c16t256m2or", "c8t256s1m2ou2", "c4t128o", "c8t256s1m2p", "c8t128s1m5opl", "c8t128s1m2h",
-                 "c8t128s1m2hq", "c8t256s1m2a", "c8t128s1m2hqa", "c8t256s1m3av", "c8t256s1m2ab", "c8t128s1m2hqavb"):
+                 "c8t128s1m2hq", "c8t256s1m2a", "c8t128s1m2hqa", "c8t256s1m3av", "c8t256s1m2ab", "c8t128s1m2hqavb",
+                 "c8t128s1m2abnf", "c8t256n"):
         assert cluster.parse_build(name).name == name
     assert cluster.parse_build("c8t128s1m2ab") == cluster.DEFAULT_BUILD
     assert cluster.shared_bytes(151936, cluster.parse_build("c16t256s1m4")) * 4 <= 227 * 1024
@@ -174,6 +175,8 @@ def test_cluster_kernel_geometry_and_switch(monkeypatch):
     assert cluster.parse_build("c8t256s1m2a").defines()["RELAXED"] == 1
     assert cluster.parse_build("c8t256s1m3av").defines()["PIPE"] == 1
     assert cluster.parse_build("c8t256s1m2ab").defines()["LOAD_BEHIND"] == 1
+    nf = cluster.parse_build("c8t128s1m2abnf").defines()
+    assert nf["OWN_COPIES"] == 1 and nf["FAST_STATS"] == 1 and nf["LOAD_BEHIND"] == 1
     # p_S over the student segment needs the log-ratio pass and the segment in shared memory; the
     # next row's copy during the dz pass needs the one row stage it refills
     for bad in ("c32t256", "c8t100", "c8t512s3", "cluster", "c8t128s1m2q", "c8t128s1m2lhq", "c8t256ab", "c8t256s2ab"):

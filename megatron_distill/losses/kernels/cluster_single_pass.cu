@@ -33,7 +33,15 @@
 // unpacking), LOAD_BEHIND (STAGES 1 only, 1: the dz pass starts the next row's copy of each vector
 // into shared memory as soon as it has written that vector's dz, so the load of the next row
 // overlaps the rest of this row's dz pass instead of starting after it; every pass maps vector i to
-// the same thread, so the thread that issues the copy is the only reader of the slot it refills).
+// the same thread, so the thread that issues the copy is the only reader of the slot it refills),
+// OWN_COPIES (1: no block barrier after a row's copy or at the end of a row: every pass reads only
+// the vectors its thread copied, and cp.async.wait_group makes a thread's own copies visible to
+// it, so a warp starts on its vectors as soon as they have arrived instead of waiting for the
+// block's slowest copy), FAST_STATS (1: a segment's maxima are taken on bf16 pairs, one max.bf16x2
+// per two elements without unpacking, and the sums' exponents (z - m) c as one fma z c - m c; m c
+// is rounded once per segment, which moves log2 of the row's normalizers by at most |m c| 2^-24
+// (2e-6 for m c = 32), far below the bf16 logits' own resolution; the log-probabilities of the
+// later passes keep the exact z - m).
 // Logarithms are base 2 inside (exp2 / lg2 hardware approximations, as the Triton
 // kernels use); losses are returned in nats.
 
@@ -84,6 +92,12 @@
 #endif
 #ifndef LOAD_BEHIND
 #define LOAD_BEHIND 0
+#endif
+#ifndef OWN_COPIES
+#define OWN_COPIES 0
+#endif
+#ifndef FAST_STATS
+#define FAST_STATS 0
 #endif
 #if LOAD_BEHIND && STAGES != 1
 #error "LOAD_BEHIND refills the one row stage: it needs STAGES 1"
@@ -154,11 +168,12 @@ __device__ __forceinline__ float exp_base(float m) { return m == NEG_INF ? 0.0f 
 // cross term sum 2^((s - base_s) c) (s - t) c to acc[2].
 __device__ __forceinline__ void add_exp_sums(const float* s, const float* t, float base_s, float base_t,
                                              float scale2, float* acc) {
+    [[maybe_unused]] const float bs = base_s * scale2, bt = base_t * scale2;  // FAST_STATS
 #pragma unroll
     for (int j = 0; j < 8; ++j) {
-        const float es = ex2((s[j] - base_s) * scale2);
+        const float es = FAST_STATS ? ex2(fmaf(s[j], scale2, -bs)) : ex2((s[j] - base_s) * scale2);
         acc[0] += es;
-        acc[1] += ex2((t[j] - base_t) * scale2);
+        acc[1] += FAST_STATS ? ex2(fmaf(t[j], scale2, -bt)) : ex2((t[j] - base_t) * scale2);
         if (KIND == 1) acc[2] += es * (s[j] - t[j]) * scale2;
     }
 }
@@ -204,6 +219,17 @@ struct Vectors {
         s_next = student_vec(vs, i);
         t_next = vt[i];
     }
+    // vector i of both rows as read (bf16 pairs)
+    __device__ __forceinline__ void raw(int i, uint4& s, uint4& t) {
+#if PIPE
+        s = s_next;
+        t = t_next;
+        if (i + THREADS < n_vec) read(i + THREADS);
+#else
+        s = student_vec(vs, i);
+        t = vt[i];
+#endif
+    }
     template <bool S_HALF = false, bool T_HALF = false>
     __device__ __forceinline__ void pair(int i, float* s, float* t) {
 #if PIPE
@@ -217,6 +243,18 @@ struct Vectors {
 #endif
     }
 };
+
+// Elementwise maxima of two bf16 pairs (a NaN loses to a number, as in fmaxf).
+__device__ __forceinline__ unsigned max_bf16x2(unsigned a, unsigned b) {
+    unsigned r;
+    asm("max.bf16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b));
+    return r;
+}
+
+// The larger of a bf16 pair's two values, as a float.
+__device__ __forceinline__ float max_of_pair(unsigned m) {
+    return fmaxf(__uint_as_float(m << 16), __uint_as_float(m & 0xffff0000u));
+}
 
 // Asks L2 for `bytes` (a multiple of 16) of global memory at p (16-byte aligned); no wait.
 __device__ __forceinline__ void prefetch_l2(const void* p, unsigned bytes) {
@@ -390,7 +428,9 @@ extern "C" __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(THR
         load_row(row, 0);
         cp_async_wait<0>();
 #endif
+#if !OWN_COPIES
         __syncthreads();  // this row's segment is in shared memory for every thread
+#endif
         const uint4* vs = (const uint4*)(HOLD_STUDENT ? stage(k, 0) : student_at(row));
         const uint4* vt = (const uint4*)stage(k, 1);
 
@@ -426,6 +466,18 @@ extern "C" __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(THR
 #else
         float mx[2] = {NEG_INF, NEG_INF};
         Vectors max_vecs(vs, vt, n_vec);
+#if FAST_STATS
+        unsigned pm[2] = {0xff80ff80u, 0xff80ff80u};  // bf16 pairs of -inf
+#pragma unroll kUnroll
+        for (int i = threadIdx.x; i < n_vec; i += THREADS) {
+            uint4 a, b;
+            max_vecs.raw(i, a, b);
+            pm[0] = max_bf16x2(max_bf16x2(pm[0], a.x), max_bf16x2(a.y, max_bf16x2(a.z, a.w)));
+            pm[1] = max_bf16x2(max_bf16x2(pm[1], b.x), max_bf16x2(b.y, max_bf16x2(b.z, b.w)));
+        }
+        mx[0] = max_of_pair(pm[0]);
+        mx[1] = max_of_pair(pm[1]);
+#else
 #pragma unroll kUnroll
         for (int i = threadIdx.x; i < n_vec; i += THREADS) {
             float s[8], t[8];
@@ -436,6 +488,7 @@ extern "C" __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(THR
                 mx[1] = fmaxf(mx[1], t[j]);
             }
         }
+#endif
         block_reduce<2, true>(mx, scratch_next());
         const float ms_loc = exp_base(mx[0]), mt_loc = exp_base(mx[1]);
         float sums[3] = {0.0f, 0.0f, 0.0f};
@@ -571,7 +624,9 @@ extern "C" __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(THR
             block_reduce<1, false>(v, scratch_next());
             if (threadIdx.x == 0) loss_out[loss_at] = v[0] * LN2;
         }
+#if !OWN_COPIES
         __syncthreads();  // every thread is done with stage k before a later row's load reuses it
+#endif
     }
     // peers may still read this block's partials: stay until the whole cluster is done
     cluster_sync(false);

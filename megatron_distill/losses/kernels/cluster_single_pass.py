@@ -49,7 +49,9 @@ class Build:
     where only the partials' writer fences and every thread arrives relaxed (``relaxed``), and
     passes that read a thread's next vectors from shared memory before computing on the current
     ones (``pipelined``), and, with one stage, a dz pass that starts the next row's copy of each
-    vector as soon as that vector's dz is written (``load_behind``). Named like ``c16t256s2m2or``
+    vector as soon as that vector's dz is written (``load_behind``), no block barrier around a row's
+    copy, each thread waiting for its own (``own_copies``), and segment maxima on bf16 pairs with
+    the sums' exponents as one fma each (``fast_stats``). Named like ``c16t256s2m2or``
     or ``c8t128s1m2hqa`` (``parse_build``)."""
 
     cluster: int = CLUSTER
@@ -66,6 +68,8 @@ class Build:
     relaxed: bool = False
     pipelined: bool = False
     load_behind: bool = False
+    own_copies: bool = False
+    fast_stats: bool = False
 
     @property
     def name(self) -> str:
@@ -86,7 +90,8 @@ class Build:
                     PREFETCH=int(self.prefetch), HOLD_STUDENT=int(not self.student_in_l2),
                     STORE_R=int(self.store_log_ratio), STORE_P=int(self.store_student_prob),
                     RELAXED=int(self.relaxed), PIPE=int(self.pipelined),
-                    LOAD_BEHIND=int(self.load_behind))
+                    LOAD_BEHIND=int(self.load_behind), OWN_COPIES=int(self.own_copies),
+                    FAST_STATS=int(self.fast_stats))
 
 
 # The optional parts of a build's name after c<cluster>t<threads>, in their order: letter, Build
@@ -105,6 +110,8 @@ _NAME_PARTS = (
     ("a", "relaxed", None),
     ("v", "pipelined", None),
     ("b", "load_behind", None),
+    ("n", "own_copies", None),
+    ("f", "fast_stats", None),
 )
 _DEFAULTS = {field: getattr(Build(), field) for _, field, _ in _NAME_PARTS}
 _BUILD_NAME = re.compile(r"c(\d+)t(\d+)" + "".join(
@@ -117,7 +124,7 @@ DEFAULT_BUILD = Build(threads=128, stages=1, min_blocks=2, relaxed=True, load_be
 
 def parse_build(name: str) -> Build:
     """``Build`` from a name of the form
-    ``c<cluster>t<threads>[s<stages>][m<blocks>][o][r][u<n>][p][l][h][q][a][v][b]``, e.g.
+    ``c<cluster>t<threads>[s<stages>][m<blocks>][o][r][u<n>][p][l][h][q][a][v][b][n][f]``, e.g.
     "c8t128s1m2ab" (``DEFAULT_BUILD``) or "c16t256m2or"; ``q`` needs ``h`` and not ``l`` (it
     overwrites the student segment held in shared memory), ``b`` needs ``s1`` (it refills the one
     row stage)."""
