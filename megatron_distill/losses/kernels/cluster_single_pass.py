@@ -118,14 +118,15 @@ _BUILD_NAME = re.compile(r"c(\d+)t(\d+)" + "".join(
     f"(?:{letter}({number[0]}))?" if number else f"({letter})?" for letter, _, number in _NAME_PARTS))
 _NAME_FORM = "".join(f"[{letter}<{number[1]}>]" if number else f"[{letter}]" for letter, _, number in _NAME_PARTS)
 
-# c8t128s1m2ab: the KL kinds' default (NOTES_loss_kernel.md, iterations 17, 19 and 20)
-DEFAULT_BUILD = Build(threads=128, stages=1, min_blocks=2, relaxed=True, load_behind=True)
+# c8t128s1m2abnf: the KL kinds' default (NOTES_loss_kernel.md, iterations 17 and 19-21)
+DEFAULT_BUILD = Build(threads=128, stages=1, min_blocks=2, relaxed=True, load_behind=True, own_copies=True,
+                      fast_stats=True)
 
 
 def parse_build(name: str) -> Build:
     """``Build`` from a name of the form
     ``c<cluster>t<threads>[s<stages>][m<blocks>][o][r][u<n>][p][l][h][q][a][v][b][n][f]``, e.g.
-    "c8t128s1m2ab" (``DEFAULT_BUILD``) or "c16t256m2or"; ``q`` needs ``h`` and not ``l`` (it
+    "c8t128s1m2abnf" (``DEFAULT_BUILD``) or "c16t256m2or"; ``q`` needs ``h`` and not ``l`` (it
     overwrites the student segment held in shared memory), ``b`` needs ``s1`` (it refills the one
     row stage)."""
     m = _BUILD_NAME.fullmatch(name.strip())

@@ -126,8 +126,9 @@ SP_VARIANTS = ("cluster", "reread", "pipelined")
 # JSD keeps its log-ratio in fp16 for the dz pass (h: 13-15% faster per chunk, iteration 18) and
 # p_S with it (q: 4-5%); at the cluster meetings only the partials' writer fences (a: 2%; iteration 19);
 # the KL kinds' dz pass starts the next row's copy (b, with 128 threads: 5-7% against c8t256s1m2a;
-# JSD gained nothing measurable from it, iteration 20)
-CLUSTER_BUILDS = {"kl": "c8t128s1m2ab", "jsd": "c8t128s1m2hqa"}
+# JSD gained nothing measurable from it, iteration 20); no block barrier around a row's copy (n) and
+# maxima on bf16 pairs with fma exponents (f: JSD 4%, KL 1%; iteration 21)
+CLUSTER_BUILDS = {"kl": "c8t128s1m2abnf", "jsd": "c8t128s1m2hqanf"}
 _INTERPRET_BLOCK_V = 1024  # the interpreter runs one numpy op per statement: wide is faster
 _GROUP = 8  # running maxima per 8 consecutive elements: one 16-byte bf16 vector per thread
 
