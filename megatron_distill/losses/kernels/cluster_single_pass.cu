@@ -233,8 +233,8 @@ struct Vectors {
     template <bool S_HALF = false, bool T_HALF = false>
     __device__ __forceinline__ void pair(int i, float* s, float* t) {
 #if PIPE
-        const uint4 a = s_next, b = t_next;
-        if (i + THREADS < n_vec) read(i + THREADS);
+        uint4 a, b;
+        raw(i, a, b);
         unpack<S_HALF>(a, s);
         unpack<T_HALF>(b, t);
 #else
@@ -577,9 +577,9 @@ extern "C" __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(THR
         const float g = KIND == 2 ? (1.0f - beta) * grad_scale : grad_scale;
         [[maybe_unused]] const float g_kept = g / P_SCALE;  // dz = q (r ln2 - row term) g_kept
         float term = 0.0f;
-        [[maybe_unused]] const bool refill = LOAD_BEHIND && next < n_rows;
-        [[maybe_unused]] const bf16 *next_s = student_at(next), *next_t = teacher_at(next);
-        if (LOAD_BEHIND && refill) prefetch_student(next_s);
+        const bool refill = LOAD_BEHIND && next < n_rows;
+        const bf16 *next_s = student_at(next), *next_t = teacher_at(next);
+        if (refill) prefetch_student(next_s);
         Vectors dz_vecs(vs, vt, n_vec);
 #pragma unroll kUnroll
         for (int i = threadIdx.x; i < n_vec; i += THREADS) {
@@ -616,9 +616,9 @@ extern "C" __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(THR
             }
             store8(out, i, dz);
             // vector i's values are in registers and used (dz is stored): its slot may be refilled
-            if (LOAD_BEHIND && refill) copy_vec(next_s, next_t, 0, i);
+            if (refill) copy_vec(next_s, next_t, 0, i);
         }
-        if (LOAD_BEHIND && refill) cp_async_commit();
+        if (refill) cp_async_commit();
         if (KIND < 2) {
             float v[1] = {term};
             block_reduce<1, false>(v, scratch_next());
