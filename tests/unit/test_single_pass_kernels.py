@@ -19,6 +19,8 @@ same bf16 logits (1e-5), dz is stored in bf16 (2^-9 relative per element: 8e-3 b
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -161,7 +163,7 @@ def test_cluster_kernel_geometry_and_switch(monkeypatch):
     # the per-kind setting picks each kind's build
     for name in ("c8t512", "c16t256m2or", "c8t256s1m2ou2", "c4t128o", "c8t256s1m2p", "c8t128s1m5opl", "c8t128s1m2h",
                  "c8t128s1m2hq", "c8t256s1m2a", "c8t128s1m2hqa", "c8t256s1m3av", "c8t256s1m2ab", "c8t128s1m2hqavb",
-                 "c8t128s1m2abnf", "c8t256n"):
+                 "c8t128s1m2abnf", "c8t256n", "c8t128s1m2hqanfe", "c8t256fe"):
         assert cluster.parse_build(name).name == name
     assert cluster.parse_build("c8t128s1m2abnf") == cluster.DEFAULT_BUILD
     assert cluster.shared_bytes(151936, cluster.parse_build("c16t256s1m4")) * 4 <= 227 * 1024
@@ -176,10 +178,17 @@ def test_cluster_kernel_geometry_and_switch(monkeypatch):
     assert cluster.parse_build("c8t256s1m3av").defines()["PIPE"] == 1
     assert cluster.parse_build("c8t256s1m2ab").defines()["LOAD_BEHIND"] == 1
     nf = cluster.parse_build("c8t128s1m2abnf").defines()
-    assert nf["OWN_COPIES"] == 1 and nf["FAST_STATS"] == 1 and nf["LOAD_BEHIND"] == 1
+    assert nf["OWN_COPIES"] == 1 and nf["FAST_STATS"] == 1 and nf["LOAD_BEHIND"] == 1 and nf["FMA_LOGP"] == 0
+    assert cluster.parse_build("c8t128s1m2hqanfe").defines()["FMA_LOGP"] == 1
+    # every build field reaches the source as a macro the source declares
+    source = cluster._SOURCE.read_text()
+    for macro in cluster.parse_build("c8t256").defines():
+        assert f"#ifndef {macro}\n#define {macro} " in source, macro
+    assert len(cluster.Build().defines()) == len(dataclasses.fields(cluster.Build))
     # p_S over the student segment needs the log-ratio pass and the segment in shared memory; the
     # next row's copy during the dz pass needs the one row stage it refills
-    for bad in ("c32t256", "c8t100", "c8t512s3", "cluster", "c8t128s1m2q", "c8t128s1m2lhq", "c8t256ab", "c8t256s2ab"):
+    for bad in ("c32t256", "c8t100", "c8t512s3", "cluster", "c8t128s1m2q", "c8t128s1m2lhq", "c8t256ab", "c8t256s2ab",
+                "c8t128s1m2abne"):
         with pytest.raises(ValueError, match="cluster kernel build"):
             cluster.parse_build(bad)
     monkeypatch.setitem(ew.KERNEL_CONFIG, "cluster_build", "kl:c8t256,jsd:c16t256m2or")

@@ -38,10 +38,18 @@
 // the vectors its thread copied, and cp.async.wait_group makes a thread's own copies visible to
 // it, so a warp starts on its vectors as soon as they have arrived instead of waiting for the
 // block's slowest copy), FAST_STATS (1: a segment's maxima are taken on bf16 pairs, one max.bf16x2
-// per two elements without unpacking, and the sums' exponents (z - m) c as one fma z c - m c; m c
-// is rounded once per segment, which moves log2 of the row's normalizers by at most |m c| 2^-24
-// (2e-6 for m c = 32), far below the bf16 logits' own resolution; the log-probabilities of the
-// later passes keep the exact z - m).
+// per two elements without unpacking, and the sums' exponents as one fma z c - m c_hi, where c_hi
+// is c with its 8 lowest significand bits cleared: m, a bf16 logit, has 8 significant bits, so
+// m c_hi is exact and the sums are exactly 2^(m c_lo) times those relative to m (c_lo = c - c_hi),
+// a factor the row's log-normalizer takes out once; rounding m c instead would move every
+// log-probability of the row by up to |m c| 2^-24, 2e-6 for logits near 50, visible in small
+// losses), FMA_LOGP (FAST_STATS only, 1: the later passes take each log-probability, plus a
+// row-constant rho, as one fma z c - K, where K is m c_hi + log2 l rounded to a multiple of 2^-8
+// (exact in fp32) and rho = m c_hi + log2 l - K (|rho| <= 2^-9) is computed exactly; the factors
+// 2^-rho go into each row's constants (dz's scale, JSD's mixture weight, the loss partials), so the
+// log-probabilities keep fp32 accuracy (adding 15 to them as well, so that JSD's KL pass would get
+// p_S 2^15 for its fp16 store without a product, made the top elements' rounding 4x coarser: not
+// done); JSD's dz pass with STORE_P takes one fma less).
 // Logarithms are base 2 inside (exp2 / lg2 hardware approximations, as the Triton
 // kernels use); losses are returned in nats.
 
@@ -98,6 +106,12 @@
 #endif
 #ifndef FAST_STATS
 #define FAST_STATS 0
+#endif
+#ifndef FMA_LOGP
+#define FMA_LOGP 0
+#endif
+#if FMA_LOGP && !FAST_STATS
+#error "FMA_LOGP needs the exact segment bases of FAST_STATS"
 #endif
 #if LOAD_BEHIND && STAGES != 1
 #error "LOAD_BEHIND refills the one row stage: it needs STAGES 1"
@@ -165,10 +179,11 @@ __device__ __forceinline__ float rescale(float m_part, float m, float scale2) {
 __device__ __forceinline__ float exp_base(float m) { return m == NEG_INF ? 0.0f : m; }
 
 // Adds one vector's sums of 2^((z - base) c) of both rows to acc[0..1] and, for reverse KL, the
-// cross term sum 2^((s - base_s) c) (s - t) c to acc[2].
+// cross term sum 2^((s - base_s) c) (s - t) c to acc[2]; FAST_STATS: 2^(z c - base c_hi), base_c
+// being c_hi (the exact product of a bf16 base and c_hi).
 __device__ __forceinline__ void add_exp_sums(const float* s, const float* t, float base_s, float base_t,
-                                             float scale2, float* acc) {
-    [[maybe_unused]] const float bs = base_s * scale2, bt = base_t * scale2;  // FAST_STATS
+                                             float scale2, float base_c, float* acc) {
+    [[maybe_unused]] const float bs = base_s * base_c, bt = base_t * base_c;  // FAST_STATS: exact
 #pragma unroll
     for (int j = 0; j < 8; ++j) {
         const float es = FAST_STATS ? ex2(fmaf(s[j], scale2, -bs)) : ex2((s[j] - base_s) * scale2);
@@ -368,6 +383,9 @@ extern "C" __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(THR
     auto scratch_next = [&]() { return scratch_bufs[FASTRED ? (n_reductions++ & 1) : 0]; };
 
     const float scale2 = (float)scale2_d, beta = (float)beta_d, grad_scale = (float)grad_scale_d;
+    // FAST_STATS: exponents relative to bases m c_hi (exact); otherwise relative to m, times c
+    [[maybe_unused]] const float c_hi = __int_as_float(__float_as_int(scale2) & 0xffffff00);
+    const float base_c = FAST_STATS ? c_hi : scale2;
     const unsigned rank = cluster_rank();
     const int cluster = blockIdx.x / CLUSTER, n_clusters = gridDim.x / CLUSTER;
     const int col0 = min((int)rank * seg_len, n_cols), col1 = min(col0 + seg_len, n_cols);
@@ -450,17 +468,17 @@ extern "C" __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(THR
                 gt = fmaxf(gt, t[j]);
             }
             const float ns = fmaxf(mx[0], gs), nt = fmaxf(mx[1], gt);
-            const float rs = rescale(mx[0], ns, scale2), rt = rescale(mx[1], nt, scale2);
+            const float rs = rescale(mx[0], ns, base_c), rt = rescale(mx[1], nt, base_c);
             run[0] *= rs;
             run[1] *= rt;
             if (KIND == 1) run[2] *= rs;
-            add_exp_sums(s, t, exp_base(ns), exp_base(nt), scale2, run);
+            add_exp_sums(s, t, exp_base(ns), exp_base(nt), scale2, base_c, run);
             mx[0] = ns;
             mx[1] = nt;
         }
         const float own_s = mx[0], own_t = mx[1];
         block_reduce<2, true>(mx, scratch_next());
-        const float ws = rescale(own_s, mx[0], scale2), wt = rescale(own_t, mx[1], scale2);
+        const float ws = rescale(own_s, mx[0], base_c), wt = rescale(own_t, mx[1], base_c);
         float sums[3] = {run[0] * ws, run[1] * wt, run[2] * ws};
         block_reduce<3, false>(sums, scratch_next());
 #else
@@ -497,7 +515,7 @@ extern "C" __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(THR
         for (int i = threadIdx.x; i < n_vec; i += THREADS) {
             float s[8], t[8];
             sum_vecs.pair(i, s, t);
-            add_exp_sums(s, t, ms_loc, mt_loc, scale2, sums);
+            add_exp_sums(s, t, ms_loc, mt_loc, scale2, base_c, sums);
         }
         block_reduce<3, false>(sums, scratch_next());
 #endif
@@ -519,17 +537,34 @@ extern "C" __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(THR
         float l_s = 0.0f, l_t = 0.0f, a = 0.0f;
 #pragma unroll
         for (int r = 0; r < CLUSTER; ++r) {
-            const float ws = rescale(pm_s[r], m_s, scale2), wt = rescale(pm_t[r], m_t, scale2);
+            const float ws = rescale(pm_s[r], m_s, base_c), wt = rescale(pm_t[r], m_t, base_c);
             l_s += ws * peer_load(&parts[0][p].l_s, r);
             l_t += wt * peer_load(&parts[0][p].l_t, r);
             if (KIND == 1) a += ws * peer_load(&parts[0][p].a, r);
         }
-        const float lg_s = log2f(l_s), lg_t = log2f(l_t);
+        // log2 of the sums relative to the bases m base_c; lg: relative to m c
+        const float lgb_s = log2f(l_s), lgb_t = log2f(l_t);
+        const float lg_s = FAST_STATS ? lgb_s - m_s * (scale2 - c_hi) : lgb_s;
+        const float lg_t = FAST_STATS ? lgb_t - m_t * (scale2 - c_hi) : lgb_t;
+        // FMA_LOGP: log2 p + rho = z c - K with K exact, rho = m c_hi + lgb - K exact to fp32
+        [[maybe_unused]] float ks = 0.0f, kt = 0.0f, rho_s = 0.0f, rho_t = 0.0f;
+#if FMA_LOGP
+        {
+            auto grid = [](float x) { return rintf(x * 256.0f) * (1.0f / 256.0f); };
+            const float bs = m_s * c_hi, bt = m_t * c_hi;  // exact
+            ks = grid(bs + lgb_s);
+            kt = grid(bt + lgb_t);
+            rho_s = (bs - ks) + lgb_s;  // bs - ks is exact, and so nearly is the small sum
+            rho_t = (bt - kt) + lgb_t;
+        }
+#endif
+        // the row's constants with the factors 2^-rho taken out (FMA_LOGP; else as they are)
+        const float beta_t = FMA_LOGP ? beta * exp2f(rho_s - rho_t) : beta;  // JSD's weight of p_T 2^rho_s
 
         // log2 p = (z - m) c - log2 l: z - m is exact for bf16 logits, which keeps JSD's gradient
-        // (a difference of nearly equal log-probabilities) accurate
-        auto log2p_s = [&](float z) { return (z - m_s) * scale2 - lg_s; };
-        auto log2p_t = [&](float z) { return (z - m_t) * scale2 - lg_t; };
+        // (a difference of nearly equal log-probabilities) accurate. FMA_LOGP: log2 p + rho, one fma
+        auto log2p_s = [&](float z) { return FMA_LOGP ? fmaf(z, scale2, -ks) : (z - m_s) * scale2 - lg_s; };
+        auto log2p_t = [&](float z) { return FMA_LOGP ? fmaf(z, scale2, -kt) : (z - m_t) * scale2 - lg_t; };
         const long long loss_at = (long long)rank * loss_stride + row;
 
         // the row-wide term of dz: reverse KL's divergence, or JSD's KL(p_S || M), which needs a
@@ -537,8 +572,12 @@ extern "C" __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(THR
         float row_term = 0.0f;
         if (KIND == 1) {
             row_term = (a / l_s - ((m_s - m_t) * scale2 + lg_s - lg_t)) * LN2;  // E_pS[s - t] c ln2 - lse diff
+            if (FMA_LOGP) row_term += (rho_s - rho_t) * LN2;  // dz's ls - lt carries rho_s - rho_t
         } else if (KIND == 2) {
             float kl[2] = {0.0f, 0.0f};
+            // FMA_LOGP: log-probabilities + rho, so ps = p_S 2^rho_s, pt = p_T 2^rho_t, mix = M 2^rho_s
+            // (through beta_t), ls - lm = log2 p_S - log2 M exactly and lt - lm = log2 p_T - log2 M +
+            // rho_t - rho_s
             Vectors kl_vecs(vs, vt, n_vec);
 #pragma unroll kUnroll
             for (int i = threadIdx.x; i < n_vec; i += THREADS) {
@@ -548,7 +587,7 @@ extern "C" __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(THR
                 for (int j = 0; j < 8; ++j) {
                     const float ls = log2p_s(s[j]), lt = log2p_t(t[j]);
                     const float ps = ex2(ls), pt = ex2(lt);
-                    const float mix = beta * pt + (1.0f - beta) * ps;
+                    const float mix = beta_t * pt + (1.0f - beta) * ps;
                     q[j] = ps * P_SCALE;
                     r[j] = 0.0f;  // both underflowed: contributes nothing (no 0 * -inf), and dz is 0
                     if (mix > 0.0f) {
@@ -562,6 +601,12 @@ extern "C" __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(THR
                 if (KEEP_P) store8<true>((void*)vs, i, q);
             }
             block_reduce<2, false>(kl, scratch_next());
+            if (FMA_LOGP) {
+                // the factors out; sum p_T (rho_s - rho_t) over the row is rho_s - rho_t (to the
+                // statistics' ~1e-6 times |rho_s - rho_t| <= 2^-8): the first block adds it
+                kl[0] *= exp2f(-rho_s);
+                kl[1] = kl[1] * exp2f(-rho_t) + (rank == 0 ? rho_s - rho_t : 0.0f);
+            }
             if (threadIdx.x == 0) {
                 parts[1][p].kl_s = kl[0];
                 loss_out[loss_at] = (beta * kl[1] + (1.0f - beta) * kl[0]) * LN2;
@@ -575,7 +620,12 @@ extern "C" __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(THR
         // dz over the student row (and the KL kinds' loss terms)
         bf16* out = student_at(row);
         const float g = KIND == 2 ? (1.0f - beta) * grad_scale : grad_scale;
-        [[maybe_unused]] const float g_kept = g / P_SCALE;  // dz = q (r ln2 - row term) g_kept
+        // dz's scale for ps and pt as computed (FMA_LOGP: p 2^rho)
+        const float g_s = FMA_LOGP ? g * exp2f(-rho_s) : g;
+        [[maybe_unused]] const float g_t = FMA_LOGP ? g * exp2f(-rho_t) : g;
+        // KEEP_P: dz = q (r ln2 - row term) g_kept = q (r a + b)
+        [[maybe_unused]] const float g_kept = g_s / P_SCALE;
+        [[maybe_unused]] const float a_kept = LN2 * g_kept, b_kept = -row_term * g_kept;
         float term = 0.0f;
         const bool refill = LOAD_BEHIND && next < n_rows;
         const bf16 *next_s = student_at(next), *next_t = teacher_at(next);
@@ -595,23 +645,23 @@ extern "C" __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(THR
 #pragma unroll
             for (int j = 0; j < 8; ++j) {
                 if (KEEP_P) {
-                    dz[j] = s[j] * (t[j] * LN2 - row_term) * g_kept;
+                    dz[j] = FMA_LOGP ? s[j] * fmaf(t[j], a_kept, b_kept) : s[j] * (t[j] * LN2 - row_term) * g_kept;
                     continue;
                 }
                 const float ls = log2p_s(s[j]), lt = log2p_t(t[j]);
                 const float ps = ex2(ls);
                 if (KIND == 0) {
                     const float pt = ex2(lt);
-                    dz[j] = (ps - pt) * g;
+                    dz[j] = FMA_LOGP ? fmaf(ps, g_s, -pt * g_t) : (ps - pt) * g;
                     term += pt * (lt - ls);
                 } else if (KIND == 1) {
-                    dz[j] = ps * ((ls - lt) * LN2 - row_term) * g;
+                    dz[j] = ps * ((ls - lt) * LN2 - row_term) * g_s;
                     term += ps * (ls - lt);
                 } else if (STORE_R) {
-                    dz[j] = ps * (t[j] * LN2 - row_term) * g;
+                    dz[j] = ps * (t[j] * LN2 - row_term) * g_s;
                 } else {
-                    const float mix = beta * ex2(lt) + (1.0f - beta) * ps;
-                    dz[j] = mix > 0.0f ? ps * ((ls - lg2(mix)) * LN2 - row_term) * g : 0.0f;
+                    const float mix = beta_t * ex2(lt) + (1.0f - beta) * ps;
+                    dz[j] = mix > 0.0f ? ps * ((ls - lg2(mix)) * LN2 - row_term) * g_s : 0.0f;
                 }
             }
             store8(out, i, dz);
@@ -622,6 +672,12 @@ extern "C" __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(THR
         if (KIND < 2) {
             float v[1] = {term};
             block_reduce<1, false>(v, scratch_next());
+            if (FMA_LOGP) {
+                // the factor out, and the rho terms of lt - ls summed over the row with weights
+                // summing to 1 (as for JSD's KL pass): forward KL's + (rho_s - rho_t), reverse's -
+                const float corr = rank == 0 ? rho_s - rho_t : 0.0f;
+                v[0] = KIND == 0 ? v[0] * exp2f(-rho_t) + corr : v[0] * exp2f(-rho_s) - corr;
+            }
             if (threadIdx.x == 0) loss_out[loss_at] = v[0] * LN2;
         }
 #if !OWN_COPIES

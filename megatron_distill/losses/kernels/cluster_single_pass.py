@@ -51,7 +51,8 @@ class Build:
     ones (``pipelined``), and, with one stage, a dz pass that starts the next row's copy of each
     vector as soon as that vector's dz is written (``load_behind``), no block barrier around a row's
     copy, each thread waiting for its own (``own_copies``), and segment maxima on bf16 pairs with
-    the sums' exponents as one fma each (``fast_stats``). Named like ``c16t256s2m2or``
+    the sums' exponents as one fma each (``fast_stats``), and the later passes' log-probabilities as one
+    fma each with JSD's p_S 2^15 taken from the exponent (``fma_log_probs``). Named like ``c16t256s2m2or``
     or ``c8t128s1m2hqa`` (``parse_build``)."""
 
     cluster: int = CLUSTER
@@ -70,6 +71,7 @@ class Build:
     load_behind: bool = False
     own_copies: bool = False
     fast_stats: bool = False
+    fma_log_probs: bool = False
 
     @property
     def name(self) -> str:
@@ -84,14 +86,13 @@ class Build:
         return name
 
     def defines(self) -> dict:
-        """The source's compile-time constants for this build."""
-        return dict(CLUSTER=self.cluster, THREADS=self.threads, STAGES=self.stages, MINBLOCKS=self.min_blocks,
-                    ONLINE=int(self.online), FASTRED=int(self.fast_reduce), UNROLL=self.unroll,
-                    PREFETCH=int(self.prefetch), HOLD_STUDENT=int(not self.student_in_l2),
-                    STORE_R=int(self.store_log_ratio), STORE_P=int(self.store_student_prob),
-                    RELAXED=int(self.relaxed), PIPE=int(self.pipelined),
-                    LOAD_BEHIND=int(self.load_behind), OWN_COPIES=int(self.own_copies),
-                    FAST_STATS=int(self.fast_stats))
+        """The source's compile-time constants for this build (``_DEFINES``; HOLD_STUDENT is
+        the negation of ``student_in_l2``)."""
+        out = {"CLUSTER": self.cluster, "THREADS": self.threads}
+        for field, macro in _DEFINES.items():
+            out[macro] = int(getattr(self, field))
+        out["HOLD_STUDENT"] = int(not self.student_in_l2)
+        return out
 
 
 # The optional parts of a build's name after c<cluster>t<threads>, in their order: letter, Build
@@ -112,7 +113,15 @@ _NAME_PARTS = (
     ("b", "load_behind", None),
     ("n", "own_copies", None),
     ("f", "fast_stats", None),
+    ("e", "fma_log_probs", None),
 )
+# each optional Build field's macro in cluster_single_pass.cu (student_in_l2: HOLD_STUDENT, negated)
+_DEFINES = {
+    "stages": "STAGES", "min_blocks": "MINBLOCKS", "online": "ONLINE", "fast_reduce": "FASTRED",
+    "unroll": "UNROLL", "prefetch": "PREFETCH", "store_log_ratio": "STORE_R",
+    "store_student_prob": "STORE_P", "relaxed": "RELAXED", "pipelined": "PIPE", "load_behind": "LOAD_BEHIND",
+    "own_copies": "OWN_COPIES", "fast_stats": "FAST_STATS", "fma_log_probs": "FMA_LOGP",
+}
 _DEFAULTS = {field: getattr(Build(), field) for _, field, _ in _NAME_PARTS}
 _BUILD_NAME = re.compile(r"c(\d+)t(\d+)" + "".join(
     f"(?:{letter}({number[0]}))?" if number else f"({letter})?" for letter, _, number in _NAME_PARTS))
@@ -125,10 +134,10 @@ DEFAULT_BUILD = Build(threads=128, stages=1, min_blocks=2, relaxed=True, load_be
 
 def parse_build(name: str) -> Build:
     """``Build`` from a name of the form
-    ``c<cluster>t<threads>[s<stages>][m<blocks>][o][r][u<n>][p][l][h][q][a][v][b][n][f]``, e.g.
+    ``c<cluster>t<threads>[s<stages>][m<blocks>][o][r][u<n>][p][l][h][q][a][v][b][n][f][e]``, e.g.
     "c8t128s1m2abnf" (``DEFAULT_BUILD``) or "c16t256m2or"; ``q`` needs ``h`` and not ``l`` (it
     overwrites the student segment held in shared memory), ``b`` needs ``s1`` (it refills the one
-    row stage)."""
+    row stage), ``e`` needs ``f`` (its exact row constants start from the exact segment bases)."""
     m = _BUILD_NAME.fullmatch(name.strip())
     build = None
     if m is not None:
@@ -139,9 +148,12 @@ def parse_build(name: str) -> Build:
         build = None
     if build is not None and build.load_behind and build.stages != 1:
         build = None
+    if build is not None and build.fma_log_probs and not build.fast_stats:
+        build = None
     if build is None or not (1 <= build.cluster <= 16) or build.threads % 32 or not 32 <= build.threads <= 1024:
         raise ValueError(f"cluster kernel build {name!r}: expected c<cluster 1-16>t<threads, a multiple of 32>"
-                         f"{_NAME_FORM} (q only with h, without l; b only with s1), e.g. c8t256 or c16t256m2or")
+                         f"{_NAME_FORM} (q only with h, without l; b only with s1; e only with f), "
+                         "e.g. c8t256 or c16t256m2or")
     return build
 
 
