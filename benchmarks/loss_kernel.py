@@ -33,6 +33,7 @@ import json
 import os
 import platform
 import random
+import re
 import statistics
 import sys
 import time
@@ -562,6 +563,9 @@ def run_case(name, case, args, group, tp, rank):
             kernel = dict(_CLUSTER, cluster_build=setting)
             label = f"fused {kind} cluster_build={setting}"
             timed_here.append((label, fused(kind), dict(extra, kernel=kernel), kernel))
+        for overrides in args.variant:
+            label = f"fused {kind} " + " ".join(f"{k}={json.dumps(v)}" for k, v in overrides.items())
+            timed_here.append((label, fused(kind), dict(extra, kernel=overrides), overrides))
     if args.breakdown and tp == 1:
         # where each method's time goes: GEMMs, Triton kernels, other kernels, GPU idle
         res["breakdown"] = {}
@@ -691,6 +695,21 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
+
+def _parse_overrides(text: str, flag: str) -> dict:
+    """``KEY=JSON[,KEY=JSON]`` (ew.KERNEL_CONFIG keys) as a dict; exits naming ``flag`` on a bad item."""
+    out = {}
+    for item in filter(None, re.split(r",(?=\w+=)", text)):  # a comma inside a JSON string stays
+        key, sep, value = item.partition("=")
+        if not sep or key not in ew.KERNEL_CONFIG:
+            keys = ", ".join(ew.KERNEL_CONFIG)
+            raise SystemExit(f"{flag}: {item!r} is not KEY=JSON with a KERNEL_CONFIG key ({keys})")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise SystemExit(f"{flag}: {item!r}: the value is not JSON ({exc})") from None
+    return out
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cases", nargs="*", default=list(CASES), choices=list(CASES),
@@ -719,13 +738,13 @@ def main() -> None:
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     p.add_argument("--tag", default="", help="suffix of the output files' names")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=JSON", help="override ew.KERNEL_CONFIG entries")
+    p.add_argument("--variant", nargs="+", default=[], metavar="KEY=JSON[,KEY=JSON]",
+                   help="also time the fused loss with these ew.KERNEL_CONFIG overrides, one row per variant "
+                        "(e.g. 'sp_variant=\"reread\"' or 'single_pass=false')")
     args = p.parse_args()
+    args.variant = [_parse_overrides(v, "--variant") for v in args.variant]
 
-    for item in args.set:
-        key, value = item.split("=", 1)
-        if key not in ew.KERNEL_CONFIG:
-            raise SystemExit(f"unknown KERNEL_CONFIG key {key!r}")
-        ew.KERNEL_CONFIG[key] = json.loads(value)
+    ew.KERNEL_CONFIG.update(_parse_overrides(",".join(args.set), "--set") if args.set else {})
     if args.profile_kernels:
         profile_kernels(CASES["T8k_V152k"]["V"], 1024)
         return

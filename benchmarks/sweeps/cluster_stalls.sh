@@ -8,7 +8,7 @@ source benchmarks/device_setup.sh
 NCU=$(command -v ncu || ls /usr/local/cuda*/bin/ncu 2>/dev/null | head -1)
 [ -n "$NCU" ] || { echo "no ncu"; exit 1; }
 "$NCU" --version | tail -1
-for spec in ${SPECS:-c8t128s1m2abnf:forward_kl c8t128s1m2hqanf:jsd}; do
+for spec in ${SPECS:-c8t128s1m2abnf:forward_kl c8t128s1m2hqanfe:jsd}; do
   b=${spec%%:*}; k=${spec#*:}
   timeout 120 "$NCU" -f -k distill_cluster_single_pass --launch-skip 1 --launch-count 1 --import-source yes \
     --section SourceCounters --section WarpStateStats -o "$OUT/stalls_${b}_$k" \

@@ -102,6 +102,10 @@ KERNEL_CONFIG = dict(
     # polls of a row's counter before a "reread" program stops waiting for its peers and marks
     # the row for the repair launch (a poll is one L2 atomic, well under a microsecond)
     sp_max_polls=1 << 17,
+    # stream_overlap (the fused loss's chunk loop on CUDA, $MEGATRON_DISTILL_STREAM_OVERLAP): 0 one
+    # stream; 1 each chunk's grad_h GEMM on a side stream beside its grad_W GEMM; 2 also the next
+    # chunk's first teacher GEMM beside both (its buffer is free once the chunk's last dz is written)
+    stream_overlap=int(os.environ.get("MEGATRON_DISTILL_STREAM_OVERLAP") or 0),
 )
 # Measured on an H100 (benchmarks/NOTES_loss_kernel.md, iterations 4-5; 1024 x 151936 bf16
 # chunk, 10 back-to-back launches): KL 0.434 ms with these settings (multi-pass 0.539), JSD
@@ -127,8 +131,9 @@ SP_VARIANTS = ("cluster", "reread", "pipelined")
 # p_S with it (q: 4-5%); at the cluster meetings only the partials' writer fences (a: 2%; iteration 19);
 # the KL kinds' dz pass starts the next row's copy (b, with 128 threads: 5-7% against c8t256s1m2a;
 # JSD gained nothing measurable from it, iteration 20); no block barrier around a row's copy (n) and
-# maxima on bf16 pairs with fma exponents (f: JSD 4%, KL 1%; iteration 21)
-CLUSTER_BUILDS = {"kl": "c8t128s1m2abnf", "jsd": "c8t128s1m2hqanf"}
+# maxima on bf16 pairs with fma exponents (f: JSD 4%, KL 1%; iteration 21); JSD's log-probabilities
+# as one fma each (e: JSD 1.5%, KL 1% slower; iteration 22)
+CLUSTER_BUILDS = {"kl": "c8t128s1m2abnf", "jsd": "c8t128s1m2hqanfe"}
 _INTERPRET_BLOCK_V = 1024  # the interpreter runs one numpy op per statement: wide is faster
 _GROUP = 8  # running maxima per 8 consecutive elements: one 16-byte bf16 vector per thread
 
