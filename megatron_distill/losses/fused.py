@@ -201,17 +201,6 @@ def _single_pass(cfg: _Config) -> bool:
     return uses_single_pass(cfg.impl, group_size(cfg.tp_group))
 
 
-_side_streams: dict = {}
-
-
-def _side_stream_pair(device: torch.device) -> tuple[torch.cuda.Stream, torch.cuda.Stream]:
-    """Two streams of ``device`` for ``KERNEL_CONFIG["stream_overlap"]``, made once per device."""
-    key = torch.device(device).index
-    if key not in _side_streams:
-        _side_streams[key] = (torch.cuda.Stream(device), torch.cuda.Stream(device))
-    return _side_streams[key]
-
-
 def _fused_forward(hs, ws, ht, wt, loss_mask, cfg: _Config, need_gh: bool, need_gw: bool,
                    weight_grad_into: torch.Tensor | None = None, weight_grad_scale: float = 1.0):
     """Loss (fp32 scalar) and the full gradients wrt ``hs`` / ``ws`` (None where not needed, or
@@ -251,9 +240,6 @@ def _fused_forward(hs, ws, ht, wt, loss_mask, cfg: _Config, need_gh: bool, need_
     else:
         split = ew.default_split(teacher_chunk, v_local, device) if cfg.impl == "triton" else 1
     loss_parts = torch.zeros((split, n), dtype=torch.float32, device=device)
-    overlap = int(ew.KERNEL_CONFIG["stream_overlap"]) if device.type == "cuda" else 0
-    sides = _side_stream_pair(device) if overlap else (None, None)
-    teacher_ahead = False  # the first sub-chunk's teacher logits were computed on sides[1]
     for c0 in range(0, n, chunk):
         c1 = min(c0 + chunk, n)
         if c0 > 0:
@@ -261,25 +247,14 @@ def _fused_forward(hs, ws, ht, wt, loss_mask, cfg: _Config, need_gh: bool, need_
         for t0 in range(0, c1 - c0, teacher_chunk):
             t1 = min(t0 + teacher_chunk, c1 - c0)
             zt = buf_t[: t1 - t0]
-            if teacher_ahead and t0 == 0:
-                torch.cuda.current_stream(device).wait_stream(sides[1])
-            else:
-                torch.mm(rows(ht, idx, c0 + t0, c0 + t1), wt.t(), out=zt)
+            torch.mm(rows(ht, idx, c0 + t0, c0 + t1), wt.t(), out=zt)
             loss_out = loss_parts[:, c0 + t0 : c0 + t1]
             if single:
                 kw = dict(kind=cfg.kind, beta=cfg.beta, temperature=cfg.temperature, impl=cfg.impl)
                 ew.single_pass_loss_grad_(zs[t0:t1], zt, loss_out, grad_scale=grad_scale, **kw)
             else:
                 _loss_grad_(zs[t0:t1], zt, loss_out, cfg, grad_scale)
-        teacher_ahead = overlap >= 2 and c1 < n
-        if teacher_ahead:
-            # the teacher buffer is free once the chunk's last dz is written: the next chunk's first
-            # teacher GEMM runs beside this chunk's gradient GEMMs
-            next_t1 = c1 + min(teacher_chunk, n - c1)
-            sides[1].wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(sides[1]):
-                torch.mm(rows(ht, idx, c1, next_t1), wt.t(), out=buf_t[: next_t1 - c1])
-        grads.add(zs, hs_c, c0, c1, side=sides[0])  # zs now holds dL/dz
+        grads.add(zs, hs_c, c0, c1)  # zs now holds dL/dz
 
     loss = all_reduce_sum_(loss_parts.sum(), group) * grad_scale
     return (loss, *grads.finish(group, cfg.sequence_parallel))

@@ -84,26 +84,16 @@ class OutputLayerGrads:
             # the first chunk overwrites it (beta = 0): no memset of a [V_local, h] tensor
             self.grad_w = (torch.empty if n > 0 else torch.zeros)(ws.shape, dtype=w_dtype, device=hs.device)
 
-    def add(self, dz: torch.Tensor, hs_chunk: torch.Tensor, c0: int, c1: int,
-            side: torch.cuda.Stream | None = None) -> None:
+    def add(self, dz: torch.Tensor, hs_chunk: torch.Tensor, c0: int, c1: int) -> None:
         """Add counted rows ``c0:c1``'s share: ``dz`` ``[c1 - c0, V_local]`` = dL/dz, ``hs_chunk``
-        ``[c1 - c0, h]`` their hidden states. With a ``side`` stream (CUDA) the hidden states'
-        GEMM runs there beside the weight's; the current stream waits for both."""
-        overlap = side is not None and self.grad_h is not None and self.grad_w is not None and self.idx is None
-        current = torch.cuda.current_stream(dz.device) if overlap else None
-        if overlap:
-            side.wait_stream(current)
-            with torch.cuda.stream(side):
-                torch.mm(dz, self.ws, out=self.grad_h[c0:c1])
-        elif self.grad_h is not None:
+        ``[c1 - c0, h]`` their hidden states."""
+        if self.grad_h is not None:
             if self.idx is None:
                 torch.mm(dz, self.ws, out=self.grad_h[c0:c1])
             else:
                 self.grad_h.index_copy_(0, self.idx[c0:c1], dz @ self.ws)
         if self.grad_w is not None:
             _accumulate_weight_grad(self.grad_w, dz, hs_chunk, first=c0 == 0 and not self.into, alpha=self.alpha)
-        if overlap:
-            current.wait_stream(side)  # dz's buffer is rewritten by the next chunk on this stream
 
     def finish(self, group: ProcessGroup, sequence_parallel: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """``(grad_h, grad_w)``: each rank holds dz for its vocab shard only, so the hidden states'

@@ -102,10 +102,6 @@ KERNEL_CONFIG = dict(
     # polls of a row's counter before a "reread" program stops waiting for its peers and marks
     # the row for the repair launch (a poll is one L2 atomic, well under a microsecond)
     sp_max_polls=1 << 17,
-    # stream_overlap (the fused loss's chunk loop on CUDA, $MEGATRON_DISTILL_STREAM_OVERLAP): 0 one
-    # stream; 1 each chunk's grad_h GEMM on a side stream beside its grad_W GEMM; 2 also the next
-    # chunk's first teacher GEMM beside both (its buffer is free once the chunk's last dz is written)
-    stream_overlap=int(os.environ.get("MEGATRON_DISTILL_STREAM_OVERLAP") or 0),
 )
 # Measured on an H100 (benchmarks/NOTES_loss_kernel.md, iterations 4-5; 1024 x 151936 bf16
 # chunk, 10 back-to-back launches): KL 0.434 ms with these settings (multi-pass 0.539), JSD
