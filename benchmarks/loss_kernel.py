@@ -695,7 +695,6 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-
 def _parse_overrides(text: str, flag: str) -> dict:
     """``KEY=JSON[,KEY=JSON]`` (ew.KERNEL_CONFIG keys) as a dict; exits naming ``flag`` on a bad item."""
     out = {}
@@ -709,6 +708,7 @@ def _parse_overrides(text: str, flag: str) -> dict:
         except json.JSONDecodeError as exc:
             raise SystemExit(f"{flag}: {item!r}: the value is not JSON ({exc})") from None
     return out
+
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

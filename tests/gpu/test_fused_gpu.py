@@ -230,8 +230,8 @@ def test_cluster_kernel_matches_multi_pass(kind, build, monkeypatch):
     # maxima on bf16 pairs and fma exponents in the sums, log-probabilities as one fma): odd row
     # counts, segments that end before the cluster's last block (V = 128 + 8), rows that are
     # slices of a wider buffer (as the fused loss passes them), the benchmark vocabularies, more
-    # rows than resident clusters, and logits of an LLM's size (maxima near 50, where one rounding
-    # of m c + log2 l is largest) with the teacher equal to the student in 90% of the vocabulary
+    # rows than resident clusters, and logits of an LLM's size (maxima near 50, where a rounded m c
+    # would move every log-probability by ~2e-6) with the teacher equal to the student in 90% of the vocabulary
     # (dz small, so its own errors show). Against the multi-pass Triton kernels on the same logits:
     # both compute in fp32, differing only in the order of the row sums (1e-5) and, for dz, by at
     # most one bf16 rounding (8e-3 norm-wise, as the Triton single pass).

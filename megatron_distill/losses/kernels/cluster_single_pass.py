@@ -51,9 +51,9 @@ class Build:
     ones (``pipelined``), and, with one stage, a dz pass that starts the next row's copy of each
     vector as soon as that vector's dz is written (``load_behind``), no block barrier around a row's
     copy, each thread waiting for its own (``own_copies``), and segment maxima on bf16 pairs with
-    the sums' exponents as one fma each (``fast_stats``), and the later passes' log-probabilities as one
-    fma each with JSD's p_S 2^15 taken from the exponent (``fma_log_probs``). Named like ``c16t256s2m2or``
-    or ``c8t128s1m2hqa`` (``parse_build``)."""
+    the sums' exponents as one fma each against exact bases (``fast_stats``), and the later passes'
+    log-probabilities as one fma each against exact row constants (``fma_log_probs``). Named like
+    ``c16t256s2m2or`` or ``c8t128s1m2hqa`` (``parse_build``)."""
 
     cluster: int = CLUSTER
     threads: int = THREADS
