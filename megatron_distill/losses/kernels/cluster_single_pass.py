@@ -77,7 +77,7 @@ class Build:
     def name(self) -> str:
         """The build's short name, the inverse of ``parse_build``."""
         name = f"c{self.cluster}t{self.threads}"
-        for letter, field, number in _NAME_PARTS:
+        for letter, field, number, _ in _NAME_PARTS:
             value = getattr(self, field)
             if number is None:
                 name += letter if value else ""
@@ -86,50 +86,51 @@ class Build:
         return name
 
     def defines(self) -> dict:
-        """The source's compile-time constants for this build (``_DEFINES``; HOLD_STUDENT is
-        the negation of ``student_in_l2``)."""
+        """The source's compile-time constants for this build (``_NAME_PARTS``' macros;
+        HOLD_STUDENT is the negation of ``student_in_l2``)."""
         out = {"CLUSTER": self.cluster, "THREADS": self.threads}
-        for field, macro in _DEFINES.items():
-            out[macro] = int(getattr(self, field))
-        out["HOLD_STUDENT"] = int(not self.student_in_l2)
+        for _, field, _, macro in _NAME_PARTS:
+            value = int(getattr(self, field))
+            out[macro] = 1 - value if macro == "HOLD_STUDENT" else value
         return out
 
 
 # The optional parts of a build's name after c<cluster>t<threads>, in their order: letter, Build
-# field, and for a numbered part (shown only where it differs from the default) its digits' pattern
-# and meaning; the other parts are flags.
+# field, for a numbered part (shown only where it differs from the default) its digits' pattern
+# and meaning (the other parts are flags), and the field's macro in cluster_single_pass.cu
+# (HOLD_STUDENT: the negation of student_in_l2).
 _NAME_PARTS = (
-    ("s", "stages", ("[12]", "stages 1-2")),
-    ("m", "min_blocks", (r"\d", "blocks per SM")),
-    ("o", "online", None),
-    ("r", "fast_reduce", None),
-    ("u", "unroll", (r"\d", "n")),
-    ("p", "prefetch", None),
-    ("l", "student_in_l2", None),
-    ("h", "store_log_ratio", None),
-    ("q", "store_student_prob", None),
-    ("a", "relaxed", None),
-    ("v", "pipelined", None),
-    ("b", "load_behind", None),
-    ("n", "own_copies", None),
-    ("f", "fast_stats", None),
-    ("e", "fma_log_probs", None),
+    ("s", "stages", ("[12]", "stages 1-2"), "STAGES"),
+    ("m", "min_blocks", (r"\d", "blocks per SM"), "MINBLOCKS"),
+    ("o", "online", None, "ONLINE"),
+    ("r", "fast_reduce", None, "FASTRED"),
+    ("u", "unroll", (r"\d", "n"), "UNROLL"),
+    ("p", "prefetch", None, "PREFETCH"),
+    ("l", "student_in_l2", None, "HOLD_STUDENT"),
+    ("h", "store_log_ratio", None, "STORE_R"),
+    ("q", "store_student_prob", None, "STORE_P"),
+    ("a", "relaxed", None, "RELAXED"),
+    ("v", "pipelined", None, "PIPE"),
+    ("b", "load_behind", None, "LOAD_BEHIND"),
+    ("n", "own_copies", None, "OWN_COPIES"),
+    ("f", "fast_stats", None, "FAST_STATS"),
+    ("e", "fma_log_probs", None, "FMA_LOGP"),
 )
-# each optional Build field's macro in cluster_single_pass.cu (student_in_l2: HOLD_STUDENT, negated)
-_DEFINES = {
-    "stages": "STAGES", "min_blocks": "MINBLOCKS", "online": "ONLINE", "fast_reduce": "FASTRED",
-    "unroll": "UNROLL", "prefetch": "PREFETCH", "store_log_ratio": "STORE_R",
-    "store_student_prob": "STORE_P", "relaxed": "RELAXED", "pipelined": "PIPE", "load_behind": "LOAD_BEHIND",
-    "own_copies": "OWN_COPIES", "fast_stats": "FAST_STATS", "fma_log_probs": "FMA_LOGP",
-}
-_DEFAULTS = {field: getattr(Build(), field) for _, field, _ in _NAME_PARTS}
+_DEFAULTS = {field: getattr(Build(), field) for _, field, _, _ in _NAME_PARTS}
 _BUILD_NAME = re.compile(r"c(\d+)t(\d+)" + "".join(
-    f"(?:{letter}({number[0]}))?" if number else f"({letter})?" for letter, _, number in _NAME_PARTS))
-_NAME_FORM = "".join(f"[{letter}<{number[1]}>]" if number else f"[{letter}]" for letter, _, number in _NAME_PARTS)
+    f"(?:{letter}({number[0]}))?" if number else f"({letter})?" for letter, _, number, _ in _NAME_PARTS))
+_NAME_FORM = "".join(f"[{letter}<{number[1]}>]" if number else f"[{letter}]" for letter, _, number, _ in _NAME_PARTS)
 
 # c8t128s1m2abnf: the KL kinds' default (NOTES_loss_kernel.md, iterations 17 and 19-21)
 DEFAULT_BUILD = Build(threads=128, stages=1, min_blocks=2, relaxed=True, load_behind=True, own_copies=True,
                       fast_stats=True)
+
+
+def _options_combine(build: Build) -> bool:
+    """Whether the build's options work together (``parse_build`` says why each pair is needed)."""
+    p_over_student = not build.store_student_prob or (build.store_log_ratio and not build.student_in_l2)
+    return p_over_student and (not build.load_behind or build.stages == 1) and (
+        not build.fma_log_probs or build.fast_stats)
 
 
 def parse_build(name: str) -> Build:
@@ -142,13 +143,9 @@ def parse_build(name: str) -> Build:
     build = None
     if m is not None:
         parts = {field: (int(got) if got else _DEFAULTS[field]) if number else bool(got)
-                 for (_, field, number), got in zip(_NAME_PARTS, m.groups()[2:], strict=True)}
+                 for (_, field, number, _), got in zip(_NAME_PARTS, m.groups()[2:], strict=True)}
         build = Build(cluster=int(m[1]), threads=int(m[2]), **parts)
-    if build is not None and build.store_student_prob and (not build.store_log_ratio or build.student_in_l2):
-        build = None
-    if build is not None and build.load_behind and build.stages != 1:
-        build = None
-    if build is not None and build.fma_log_probs and not build.fast_stats:
+    if build is not None and not _options_combine(build):
         build = None
     if build is None or not (1 <= build.cluster <= 16) or build.threads % 32 or not 32 <= build.threads <= 1024:
         raise ValueError(f"cluster kernel build {name!r}: expected c<cluster 1-16>t<threads, a multiple of 32>"
