@@ -544,8 +544,9 @@ extern "C" __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(THR
         }
         // log2 of the sums relative to the bases m base_c; lg: relative to m c
         const float lgb_s = log2f(l_s), lgb_t = log2f(l_t);
-        const float lg_s = FAST_STATS ? lgb_s - m_s * (scale2 - c_hi) : lgb_s;
-        const float lg_t = FAST_STATS ? lgb_t - m_t * (scale2 - c_hi) : lgb_t;
+        [[maybe_unused]] const float c_lo = scale2 - c_hi;  // exact
+        const float lg_s = FAST_STATS ? lgb_s - m_s * c_lo : lgb_s;
+        const float lg_t = FAST_STATS ? lgb_t - m_t * c_lo : lgb_t;
         // FMA_LOGP: log2 p + rho = z c - K with K exact, rho = m c_hi + lgb - K exact to fp32
         [[maybe_unused]] float ks = 0.0f, kt = 0.0f, rho_s = 0.0f, rho_t = 0.0f;
 #if FMA_LOGP
@@ -559,6 +560,8 @@ extern "C" __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(THR
         }
 #endif
         // the row's constants with the factors 2^-rho taken out (FMA_LOGP; else as they are)
+        [[maybe_unused]] const float unrho_s = FMA_LOGP ? exp2f(-rho_s) : 1.0f;
+        [[maybe_unused]] const float unrho_t = FMA_LOGP ? exp2f(-rho_t) : 1.0f;
         const float beta_t = FMA_LOGP ? beta * exp2f(rho_s - rho_t) : beta;  // JSD's weight of p_T 2^rho_s
 
         // log2 p = (z - m) c - log2 l: z - m is exact for bf16 logits, which keeps JSD's gradient
@@ -604,8 +607,8 @@ extern "C" __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(THR
             if (FMA_LOGP) {
                 // the factors out; sum p_T (rho_s - rho_t) over the row is rho_s - rho_t (to the
                 // statistics' ~1e-6 times |rho_s - rho_t| <= 2^-8): the first block adds it
-                kl[0] *= exp2f(-rho_s);
-                kl[1] = kl[1] * exp2f(-rho_t) + (rank == 0 ? rho_s - rho_t : 0.0f);
+                kl[0] *= unrho_s;
+                kl[1] = kl[1] * unrho_t + (rank == 0 ? rho_s - rho_t : 0.0f);
             }
             if (threadIdx.x == 0) {
                 parts[1][p].kl_s = kl[0];
@@ -621,8 +624,8 @@ extern "C" __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(THR
         bf16* out = student_at(row);
         const float g = KIND == 2 ? (1.0f - beta) * grad_scale : grad_scale;
         // dz's scale for ps and pt as computed (FMA_LOGP: p 2^rho)
-        const float g_s = FMA_LOGP ? g * exp2f(-rho_s) : g;
-        [[maybe_unused]] const float g_t = FMA_LOGP ? g * exp2f(-rho_t) : g;
+        const float g_s = FMA_LOGP ? g * unrho_s : g;
+        [[maybe_unused]] const float g_t = FMA_LOGP ? g * unrho_t : g;
         // KEEP_P: dz = q (r ln2 - row term) g_kept = q (r a + b)
         [[maybe_unused]] const float g_kept = g_s / P_SCALE;
         [[maybe_unused]] const float a_kept = LN2 * g_kept, b_kept = -row_term * g_kept;
@@ -676,7 +679,7 @@ extern "C" __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(THR
                 // the factor out, and the rho terms of lt - ls summed over the row with weights
                 // summing to 1 (as for JSD's KL pass): forward KL's + (rho_s - rho_t), reverse's -
                 const float corr = rank == 0 ? rho_s - rho_t : 0.0f;
-                v[0] = KIND == 0 ? v[0] * exp2f(-rho_t) + corr : v[0] * exp2f(-rho_s) - corr;
+                v[0] = KIND == 0 ? v[0] * unrho_t + corr : v[0] * unrho_s - corr;
             }
             if (threadIdx.x == 0) loss_out[loss_at] = v[0] * LN2;
         }
