@@ -236,7 +236,7 @@ def chunk_sweep(configs, hs, ws, ht, wt, out: dict, rounds: int = ROUNDS) -> Non
             if exact:  # chunks of exactly c tokens
                 fused_module._balanced = lambda n, max_len, align: min(n, max_len)
             try:
-                loss = fused_linear_distill_loss(hs, ws, ht, wt, kind, chunk_tokens=c, sub_chunk_tokens=ct)
+                loss = fused_linear_distill_loss(hs, ws, ht, wt, kind, chunk_tokens=c, teacher_chunk_tokens=ct)
             finally:
                 fused_module._balanced = balanced
             loss.backward()

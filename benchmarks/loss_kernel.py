@@ -56,7 +56,7 @@ CASES = {
 }
 KINDS = {"jsd": 0.5, "forward_kl": 0.5}
 GIB = 1 << 30
-# (chunk_tokens, sub_chunk_tokens, element-wise kernel config overrides): for --sweep.
+# (chunk_tokens, teacher_chunk_tokens, element-wise kernel config overrides): for --sweep.
 # Memory (case 1): peak extra ~0.61 GiB (gradients) + (C + C_t) * 0.283 MiB, so C + C_t <= 2293
 # keeps within Liger's 1.26 GiB. The default path at TP = 1 is the single pass; the rows with
 # single_pass=True / False time each kind on both paths; sp_* set a single-pass launch setting for both kinds
@@ -554,7 +554,7 @@ def run_case(name, case, args, group, tp, rank):
             for c, ct, kernel in SWEEP.get(name, []):
                 if c is not None and c > case["T"]:
                     continue
-                kw = dict(chunk_tokens=c, sub_chunk_tokens=ct)
+                kw = dict(chunk_tokens=c, teacher_chunk_tokens=ct)
                 label = f"fused {kind} C={c or 'auto'} C_t={ct or 'auto'}" + "".join(
                     f" {k}={v}" for k, v in kernel.items()
                 )

@@ -67,7 +67,7 @@ class _Config:
     temperature: float
     tp_group: ProcessGroup
     chunk_tokens: int | None
-    sub_chunk_tokens: int | None
+    teacher_chunk_tokens: int | None
     sequence_parallel: bool
     reduction: str
     impl: str
@@ -117,23 +117,21 @@ def plan_chunks(
     elem_bytes: int,
     device: torch.device,
     chunk_tokens: int | None = None,
-    sub_chunk_tokens: int | None = None,
+    teacher_chunk_tokens: int | None = None,
     teacher_quarter: bool = False,
 ) -> tuple[int, int]:
-    """Rows per chunk ``C`` and per sub-chunk ``C_t`` (``C_t <= C``): the chunk buffer holds
-    one side's logits and then dz (the student's, or the teacher's in the teacher-major layout of
-    ``_fused_forward``), the sub-chunk buffer the other side's.
+    """Rows per student chunk ``C`` and per teacher sub-chunk ``C_t`` (``C_t <= C``).
 
     Without overrides the two logits buffers, ``(C + C_t) * V_local * elem_bytes``, get as much
     memory as the student weight gradient ``V_local * hidden * elem_bytes`` (at least 256 MiB,
     at most half of what is free on CUDA), so the loss's transient memory stays within twice
     the weight gradient. By default they get half each (``C_t = C``, a multiple of 128 that
     splits ``n_rows`` into nearly equal chunks). With ``teacher_quarter`` (the single-pass path:
-    one process, no all-reduce per sub-chunk) and more rows than half the buffers hold, ``C_t``
-    gets a quarter and ``C`` the rest in whole sub-chunks, and the chunks are exactly ``C`` rows
-    with a shorter last one: on an H100 the 1024-row GEMMs of equal halves are slower than
-    1536-row and 512-row GEMMs in the same memory, and the weight gradient is accumulated fewer
-    times (benchmarks/NOTES_loss_kernel.md, iteration 14).
+    one process, no all-reduce per teacher sub-chunk) and more rows than half the buffers hold,
+    ``C_t`` gets a quarter and ``C`` the rest in whole sub-chunks, and the chunks are exactly
+    ``C`` rows with a shorter last one: on an H100 the 1024-row GEMMs of equal halves are slower
+    than 1536-row student and 512-row teacher GEMMs in the same memory, and the weight gradient
+    is accumulated fewer times (benchmarks/NOTES_loss_kernel.md, iteration 14).
     """
     if n_rows <= 0:
         return 1, 1
@@ -151,8 +149,8 @@ def plan_chunks(
         chunk = max((both - teacher) // teacher, 1) * teacher
         return min(chunk, n_rows), teacher
     chunk = _balanced(n_rows, chunk_tokens, 1)
-    sub_rows = chunk if sub_chunk_tokens is None else sub_chunk_tokens
-    return chunk, min(sub_rows, chunk)
+    teacher_rows = chunk if teacher_chunk_tokens is None else teacher_chunk_tokens
+    return chunk, min(teacher_rows, chunk)
 
 
 def _reduce_stats_(stats: torch.Tensor, temperature: float, group: ProcessGroup) -> None:
@@ -203,16 +201,6 @@ def _single_pass(cfg: _Config) -> bool:
     return uses_single_pass(cfg.impl, group_size(cfg.tp_group))
 
 
-def _teacher_major(kind: str, v_local: int, device: torch.device, dtype_s: torch.dtype, dtype_t: torch.dtype) -> bool:
-    """Whether the single pass takes the teacher-major layout (``ew.KERNEL_CONFIG["teacher_major"]``:
-    None = where the cluster kernel writes dz over the teacher's logits itself; True = also
-    where the other kernels write it over the student's and copy it, for the tests)."""
-    setting = ew.KERNEL_CONFIG["teacher_major"]
-    if dtype_s != dtype_t or setting is False:
-        return False
-    return setting is True or ew.cluster_kernel_runs(v_local, device, kind, dtype_s)
-
-
 def _fused_forward(hs, ws, ht, wt, loss_mask, cfg: _Config, need_gh: bool, need_gw: bool,
                    weight_grad_into: torch.Tensor | None = None, weight_grad_scale: float = 1.0):
     """Loss (fp32 scalar) and the full gradients wrt ``hs`` / ``ws`` (None where not needed, or
@@ -226,28 +214,23 @@ def _fused_forward(hs, ws, ht, wt, loss_mask, cfg: _Config, need_gh: bool, need_
     grad_scale = 1.0 / max(n, 1) if cfg.reduction == "mean" else 1.0
     v_local = ws.shape[0]
     single = _single_pass(cfg)
-    teacher_major = single and _teacher_major(cfg.kind, v_local, device, ws.dtype, wt.dtype)
-    chunk, sub_chunk = plan_chunks(
-        n, v_local, ws.shape[1], ws.element_size(), device, cfg.chunk_tokens, cfg.sub_chunk_tokens,
+    chunk, teacher_chunk = plan_chunks(
+        n, v_local, ws.shape[1], ws.element_size(), device, cfg.chunk_tokens, cfg.teacher_chunk_tokens,
         teacher_quarter=single,
     )
-    # the chunk buffer [C, V_local] ends up holding dz: the student's logits, written over, or in
-    # the teacher-major layout the teacher's; the other side's logits come in sub-chunks of C_t rows
-    chunk_w, sub_w = (wt, ws) if teacher_major else (ws, wt)
 
-    def chunk_logits(c0: int, c1: int) -> tuple[torch.Tensor, torch.Tensor]:
-        # counted rows c0:c1's student hidden states, and their chunk-side logits in the buffer
+    def student_logits(c0: int, c1: int) -> tuple[torch.Tensor, torch.Tensor]:
+        # counted rows c0:c1's hidden states and their logits, in the student chunk buffer
         hs_c = rows(hs, idx, c0, c1)
-        h = rows(ht, idx, c0, c1) if teacher_major else hs_c
-        return hs_c, torch.mm(h, chunk_w.t(), out=buf_chunk[: c1 - c0])
+        return hs_c, torch.mm(hs_c, ws.t(), out=buf_s[: c1 - c0])
 
-    hs_c = z_chunk = None
+    hs_c = zs = None
     if n > 0:
         # the first chunk's logits GEMM goes out before the rest of the set-up, so that a GPU
         # with nothing queued (a call at the start of a step) starts while the host prepares
-        buf_chunk = torch.empty((chunk, v_local), dtype=chunk_w.dtype, device=device)
-        hs_c, z_chunk = chunk_logits(0, min(chunk, n))
-        buf_sub = torch.empty((sub_chunk, v_local), dtype=sub_w.dtype, device=device)
+        buf_s = torch.empty((chunk, v_local), dtype=ws.dtype, device=device)
+        hs_c, zs = student_logits(0, min(chunk, n))
+        buf_t = torch.empty((teacher_chunk, v_local), dtype=wt.dtype, device=device)
     grads = OutputLayerGrads(hs, ws, idx, n, need_gh, need_gw, cfg.fp32_weight_grad, weight_grad_into,
                              weight_grad_scale)
     # per-row loss partials, one per vocab segment of the element-wise kernels' grid
@@ -255,24 +238,23 @@ def _fused_forward(hs, ws, ht, wt, loss_mask, cfg: _Config, need_gh: bool, need_
         logits_dtype = ws.dtype if ws.dtype == wt.dtype else torch.float32  # the kernels' pair of buffers
         split = ew.single_pass_split(v_local, device, kind=cfg.kind, dtype=logits_dtype)
     else:
-        split = ew.default_split(sub_chunk, v_local, device) if cfg.impl == "triton" else 1
+        split = ew.default_split(teacher_chunk, v_local, device) if cfg.impl == "triton" else 1
     loss_parts = torch.zeros((split, n), dtype=torch.float32, device=device)
     for c0 in range(0, n, chunk):
         c1 = min(c0 + chunk, n)
         if c0 > 0:
-            hs_c, z_chunk = chunk_logits(c0, c1)
-        for t0 in range(0, c1 - c0, sub_chunk):
-            t1 = min(t0 + sub_chunk, c1 - c0)
-            sub_rows = hs_c[t0:t1] if teacher_major else rows(ht, idx, c0 + t0, c0 + t1)
-            z_sub = torch.mm(sub_rows, sub_w.t(), out=buf_sub[: t1 - t0])
-            zs, zt = (z_sub, z_chunk[t0:t1]) if teacher_major else (z_chunk[t0:t1], z_sub)
+            hs_c, zs = student_logits(c0, c1)
+        for t0 in range(0, c1 - c0, teacher_chunk):
+            t1 = min(t0 + teacher_chunk, c1 - c0)
+            zt = buf_t[: t1 - t0]
+            torch.mm(rows(ht, idx, c0 + t0, c0 + t1), wt.t(), out=zt)
             loss_out = loss_parts[:, c0 + t0 : c0 + t1]
             if single:
                 kw = dict(kind=cfg.kind, beta=cfg.beta, temperature=cfg.temperature, impl=cfg.impl)
-                ew.single_pass_loss_grad_(zs, zt, loss_out, grad_scale=grad_scale, dz_out=z_chunk[t0:t1], **kw)
+                ew.single_pass_loss_grad_(zs[t0:t1], zt, loss_out, grad_scale=grad_scale, **kw)
             else:
-                _loss_grad_(zs, zt, loss_out, cfg, grad_scale)
-        grads.add(z_chunk, hs_c, c0, c1)  # z_chunk now holds dL/dz
+                _loss_grad_(zs[t0:t1], zt, loss_out, cfg, grad_scale)
+        grads.add(zs, hs_c, c0, c1)  # zs now holds dL/dz
 
     loss = all_reduce_sum_(loss_parts.sum(), group) * grad_scale
     return (loss, *grads.finish(group, cfg.sequence_parallel))
@@ -327,7 +309,7 @@ def fused_linear_distill_loss(
     sequence_parallel: bool = False,
     reduction: str = "mean",
     impl: str | None = None,
-    sub_chunk_tokens: int | None = None,
+    teacher_chunk_tokens: int | None = None,
     fp32_weight_grad: bool = False,
     weight_grad_into: torch.Tensor | None = None,
     weight_grad_scale: float = 1.0,
@@ -351,7 +333,7 @@ def fused_linear_distill_loss(
     ``student_weight`` (this shard's rows); the teacher tensors get none.
 
     ``kind`` / ``beta`` / ``temperature`` as in ``reference.distill_loss`` (no tau^2 factor).
-    ``chunk_tokens`` / ``sub_chunk_tokens`` override the automatic chunking
+    ``chunk_tokens`` / ``teacher_chunk_tokens`` override the automatic chunking
     (``plan_chunks``); ``impl`` ("triton" / "torch", or $MEGATRON_DISTILL_FUSED_IMPL) forces
     the element-wise implementation; ``fp32_weight_grad`` accumulates the weight gradient over
     chunks in fp32 (one extra ``[V_local, h_s]`` fp32 buffer) instead of the weight's dtype.
@@ -380,7 +362,7 @@ def fused_linear_distill_loss(
         )
     if student_weight.dtype != hs.dtype or teacher_weight.dtype != ht.dtype:
         raise ValueError("each output-layer weight must have its hidden states' dtype")
-    for name, value in (("chunk_tokens", chunk_tokens), ("sub_chunk_tokens", sub_chunk_tokens)):
+    for name, value in (("chunk_tokens", chunk_tokens), ("teacher_chunk_tokens", teacher_chunk_tokens)):
         if value is not None and value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
     cfg = _Config(
@@ -389,7 +371,7 @@ def fused_linear_distill_loss(
         temperature=float(temperature),
         tp_group=tp_group,
         chunk_tokens=chunk_tokens,
-        sub_chunk_tokens=sub_chunk_tokens,
+        teacher_chunk_tokens=teacher_chunk_tokens,
         sequence_parallel=sequence_parallel and group_size(tp_group) > 1,
         reduction=reduction,
         impl=resolve_impl(impl, hs.device),

@@ -95,7 +95,7 @@ def test_matches_reference(kind, beta, dtype, impl):
     h, w, ht, wt = _inputs(29, 16, 24, 301, dtype, seed=1, scale=4.0)
     mask = (torch.rand(29, generator=torch.Generator().manual_seed(2)) > 0.35).float()
     # chunks of 8 (not dividing the 18 unmasked rows), teacher sub-chunks of 5
-    _check(h, w, ht, wt, kind, beta, 1.7, mask, "mean", impl, chunk_tokens=8, sub_chunk_tokens=5)
+    _check(h, w, ht, wt, kind, beta, 1.7, mask, "mean", impl, chunk_tokens=8, teacher_chunk_tokens=5)
     # no mask, one chunk, sum reduction, tau < 1
     _check(h, w, ht, wt, kind, beta, 0.6, None, "sum", impl)
 
@@ -244,7 +244,7 @@ def test_segment_statistics_combine_to_the_row_statistics(split):
 def test_plan_chunks_is_balanced_and_bounded_by_the_weight_gradient():
     cpu = torch.device("cpu")
     assert plan_chunks(100, 10, 8, 4, cpu, chunk_tokens=40) == (34, 34)
-    assert plan_chunks(100, 10, 8, 4, cpu, chunk_tokens=40, sub_chunk_tokens=10) == (34, 10)
+    assert plan_chunks(100, 10, 8, 4, cpu, chunk_tokens=40, teacher_chunk_tokens=10) == (34, 10)
     # benchmark cases: buffers within the bf16 weight gradient (0.58 / 0.98 GiB)
     assert plan_chunks(8192, 151936, 2048, 2, cpu) == (1024, 1024)
     assert plan_chunks(16384, 128256, 4096, 2, cpu) == (2048, 2048)

@@ -85,40 +85,10 @@ def test_pipelined_kernel_needs_one_segment_in_the_interpreter():
                                   grad_scale=1.0, variant="pipelined")
 
 
-@pytest.mark.parametrize("impl,variant", [("torch", None), ("triton", "reread"), ("triton", "pipelined")])
-@pytest.mark.parametrize("into", ["teacher", "elsewhere"])
-@pytest.mark.parametrize("kind,beta", KINDS)
-def test_dz_out_receives_what_zs_would(impl, variant, into, kind, beta):
-    # dz into another buffer (the teacher-major layout's: over the teacher's logits) is dz over zs
-    g = torch.Generator().manual_seed(13)
-    rows, v = 9, 301
-    zs = torch.randn(rows, v, generator=g) * 3
-    zt = torch.randn(rows, v, generator=g) * 3
-    kw = dict(kind=kind, beta=beta, temperature=0.9, grad_scale=0.5, impl=impl, variant=variant)
-    in_place, loss_in_place = zs.clone(), torch.zeros(1, rows)
-    ew.single_pass_loss_grad_(in_place, zt.clone(), loss_in_place, **kw)
-    a_s, a_t, loss = zs.clone(), zt.clone(), torch.zeros(1, rows)
-    dz = a_t if into == "teacher" else torch.full_like(zs, float("nan"))
-    ew.single_pass_loss_grad_(a_s, a_t, loss, dz_out=dz, **kw)
-    assert torch.equal(dz, in_place) and torch.equal(loss, loss_in_place)
-    assert not torch.equal(in_place, zs)  # dz is not the logits
-
-
-def test_dz_out_of_another_shape_is_refused():
-    zs, zt = torch.zeros(2, 8), torch.zeros(2, 8)
-    with pytest.raises(ValueError, match="dz_out must be"):
-        ew.single_pass_loss_grad_(zs, zt, torch.zeros(1, 2), kind="jsd", beta=0.5, temperature=1.0,
-                                  grad_scale=1.0, dz_out=torch.zeros(2, 9))
-
-
 @pytest.mark.parametrize("variant", ew.SP_VARIANTS)
 @pytest.mark.parametrize("kind,beta", [("forward_kl", 0.5), ("jsd", 0.7)])
-@pytest.mark.parametrize("teacher_major", [False, True])
-def test_fused_loss_with_single_pass_variant(variant, kind, beta, teacher_major, monkeypatch):
-    # the whole fused path with the single launch switched on, against the multi-pass path; with
-    # teacher_major the chunk buffer holds the teacher's logits and then dz, the student's logits
-    # come in sub-chunks (masked rows: their hidden states are gathered per chunk)
-    monkeypatch.setitem(ew.KERNEL_CONFIG, "teacher_major", teacher_major)
+def test_fused_loss_with_single_pass_variant(variant, kind, beta, monkeypatch):
+    # the whole fused path with the single launch switched on, against the multi-pass path
     g = torch.Generator().manual_seed(5)
     h = torch.randn(21, 16, generator=g)
     w = torch.randn(203, 16, generator=g) / 4
@@ -131,7 +101,7 @@ def test_fused_loss_with_single_pass_variant(variant, kind, beta, teacher_major,
         monkeypatch.setitem(ew.KERNEL_CONFIG, "sp_variant", variant)
         hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
         loss = fused_linear_distill_loss(hh, ww, ht, wt, kind, beta=beta, temperature=0.8, loss_mask=mask,
-                                         chunk_tokens=6, sub_chunk_tokens=4, impl="triton")
+                                         chunk_tokens=6, teacher_chunk_tokens=4, impl="triton")
         loss.backward()
         results.append((loss.detach(), hh.grad, ww.grad))
     (l0, gh0, gw0), (l1, gh1, gw1) = results

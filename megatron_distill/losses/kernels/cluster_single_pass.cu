@@ -5,7 +5,7 @@
 // (student and teacher logits) in shared memory, loaded with cp.async while the cluster works
 // on its previous row. The blocks' partial softmax statistics meet through distributed shared
 // memory behind a hardware cluster barrier, so the logits cross DRAM exactly once each way
-// (read z_S, z_T, write dz: over z_S, over z_T or elsewhere) and nothing is re-read from L2 or polled in global memory.
+// (read z_S, z_T, write dz over z_S) and nothing is re-read from L2 or polled in global memory.
 // Clusters never wait on each other: any number of them may be resident.
 //
 // Compile-time constants (-D): CLUSTER (blocks per row), THREADS (per block), KIND (0 forward
@@ -371,12 +371,11 @@ struct Partials {
 };
 
 extern "C" __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(THREADS, MINBLOCKS)
-    distill_cluster_single_pass(const bf16* zs, const bf16* zt, bf16* dz, int stride_s, int stride_t,
-                                int stride_dz, float* loss_out, int loss_stride, int n_rows, int n_cols,
-                                int seg_len, double scale2_d, double beta_d, double grad_scale_d) {
-    // dz [n_rows, stride_dz] may be zs or zt: the thread that writes an element's dz has read
-    // that element of both rows before. seg_len: elements per block, a multiple of 8; dynamic
-    // shared memory: STAGES x (student, teacher; teacher only without HOLD_STUDENT) x seg_len bf16.
+    distill_cluster_single_pass(bf16* zs, const bf16* zt, int stride_s, int stride_t, float* loss_out,
+                                int loss_stride, int n_rows, int n_cols, int seg_len, double scale2_d,
+                                double beta_d, double grad_scale_d) {
+    // seg_len: elements per block, a multiple of 8; dynamic shared memory: STAGES x (student,
+    // teacher; teacher only without HOLD_STUDENT) x seg_len bf16.
     extern __shared__ __align__(16) unsigned char smem_raw[];
     __shared__ Partials parts[2][2];  // [meeting: stats, JSD sums][row parity p]
     __shared__ float scratch_bufs[FASTRED ? 2 : 1][6 * WARPS];
@@ -621,8 +620,8 @@ extern "C" __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(THR
             row_term *= LN2;
         }
 
-        // dz (and the KL kinds' loss terms)
-        bf16* out = dz + (long long)row * stride_dz + col0;
+        // dz over the student row (and the KL kinds' loss terms)
+        bf16* out = student_at(row);
         const float g = KIND == 2 ? (1.0f - beta) * grad_scale : grad_scale;
         // dz's scale for ps and pt as computed (FMA_LOGP: p 2^rho)
         const float g_s = FMA_LOGP ? g * unrho_s : g;

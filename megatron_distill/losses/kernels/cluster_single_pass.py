@@ -178,18 +178,14 @@ def usable(zs: torch.Tensor, zt: torch.Tensor, build: Build = DEFAULT_BUILD) -> 
     """Whether ``build`` of the cluster kernel can run on these logits: bf16 on a Hopper-class
     GPU, rows of 16-byte vectors (``V_local`` and row strides multiples of 8, aligned buffers),
     and the row stages fit in shared memory."""
-    if zs.dtype != torch.bfloat16 or zt.dtype != torch.bfloat16 or not fits(zs.device, zs.shape[1], build):
+    if not device_supports(zs.device) or zs.dtype != torch.bfloat16 or zt.dtype != torch.bfloat16:
         return False
-    return not (zs.stride(0) % 8 or zt.stride(0) % 8 or zs.data_ptr() % 16 or zt.data_ptr() % 16)
-
-
-def fits(device: torch.device, n_cols: int, build: Build = DEFAULT_BUILD) -> bool:
-    """Whether ``build`` can run on contiguous bf16 rows of ``n_cols`` on ``device``: a
-    Hopper-class GPU, ``n_cols`` a multiple of 8 and at least 8 per block, and the row stages
-    fit in shared memory."""
-    if not device_supports(device) or n_cols < 8 * build.cluster or n_cols % 8:
+    n_cols = zs.shape[1]
+    if n_cols < 8 * build.cluster or n_cols % 8 or zs.stride(0) % 8 or zt.stride(0) % 8:
         return False
-    props = torch.cuda.get_device_properties(device)
+    if zs.data_ptr() % 16 or zt.data_ptr() % 16:
+        return False
+    props = torch.cuda.get_device_properties(zs.device)
     optin = getattr(props, "shared_memory_per_block_optin", 0)
     return shared_bytes(n_cols, build) + _STATIC_SMEM <= optin
 
@@ -308,24 +304,17 @@ def loss_grad_(
     grad_scale: float,
     build: Build = DEFAULT_BUILD,
     n_clusters: int | None = None,
-    dz_out: torch.Tensor | None = None,
 ) -> None:
-    """Per-row loss partials and dz for bf16 logits ``zs``, ``zt`` ``[rows, V]`` (``usable``
-    must hold). ``loss_out``: fp32 ``[build.cluster, rows]`` (rows contiguous), block r of a row's
-    cluster writes its vocab segment's divergence (nats) into ``loss_out[r]``. On return ``dz_out``
-    (bf16 ``[rows, V]``, rows of 16-byte vectors; default ``zs``, and ``zt`` works too) holds
-    ``grad_scale * d loss / d (z_S c ln 2)``, the same as the Triton single pass (``grad_scale``
-    here already includes 1 / tau). ``scale2`` = log2(e) / tau. ``n_clusters`` (default: as many
-    as are resident at once) take rows in turn."""
+    """Per-row loss partials and dz over ``zs`` for bf16 logits ``zs``, ``zt`` ``[rows, V]``
+    (``usable`` must hold). ``loss_out``: fp32 ``[build.cluster, rows]`` (rows contiguous), block r
+    of a row's cluster writes its vocab segment's divergence (nats) into ``loss_out[r]``. On return
+    ``zs`` holds ``grad_scale * d loss / d (z_S c ln 2)``, the same as the Triton single pass
+    (``grad_scale`` here already includes 1 / tau). ``scale2`` = log2(e) / tau. ``n_clusters``
+    (default: as many as are resident at once) take rows in turn."""
     rows, n_cols = zs.shape
     cluster = build.cluster
     if loss_out.shape != (cluster, rows) or loss_out.dtype != torch.float32 or loss_out.stride(1) != 1:
         raise ValueError(f"loss_out must be fp32 [{cluster}, {rows}] with contiguous rows, got {tuple(loss_out.shape)}")
-    dz_out = zs if dz_out is None else dz_out
-    if (dz_out.shape != zs.shape or dz_out.dtype != torch.bfloat16 or dz_out.stride(1) != 1
-            or dz_out.stride(0) % 8 or dz_out.data_ptr() % 16):
-        raise ValueError(f"dz_out must be bf16 {tuple(zs.shape)} with rows of 16-byte vectors, got "
-                         f"{dz_out.dtype} {tuple(dz_out.shape)} strides {dz_out.stride()}")
     if rows == 0:
         return
     device = zs.device
@@ -341,13 +330,14 @@ def loss_grad_(
         kernel(
             grid=(n_clusters * cluster, 1, 1),
             block=(build.threads, 1, 1),
-            args=[zs, zt, dz_out, zs.stride(0), zt.stride(0), dz_out.stride(0), loss_out, loss_out.stride(0),
-                  rows, n_cols, seg_len(n_cols, cluster), float(scale2), float(beta), float(grad_scale)],
+            args=[zs, zt, zs.stride(0), zt.stride(0), loss_out, loss_out.stride(0), rows, n_cols,
+                  seg_len(n_cols, cluster),
+                  float(scale2), float(beta), float(grad_scale)],
             shared_mem=smem,
         )
 
 
 __all__ = [
     "CLUSTER", "DEFAULT_BUILD", "KIND_CODES", "Build", "active_clusters", "compile_cubin", "device_supports",
-    "fits", "loss_grad_", "parse_build", "seg_len", "shared_bytes", "usable",
+    "loss_grad_", "parse_build", "seg_len", "shared_bytes", "usable",
 ]

@@ -92,11 +92,6 @@ KERNEL_CONFIG = dict(
     # every kind ("c16t256m2or") or per kind group ("kl:c8t256,jsd:c16t256m2or"); None = the
     # CLUSTER_BUILDS defaults; $MEGATRON_DISTILL_CLUSTER_BUILD sets it
     cluster_build=os.environ.get("MEGATRON_DISTILL_CLUSTER_BUILD") or None,
-    # teacher_major (fused.py, single pass): the chunk buffer takes the teacher's logits and dz is
-    # written over them, the student's logits come in sub-chunks. None = where the cluster kernel
-    # runs (it writes dz there itself; the other kernels would need a copy), True = always,
-    # False = never
-    teacher_major=False,
     # sp_variant: one of SP_VARIANTS for every kind ($MEGATRON_DISTILL_SP_VARIANT), None = SP_DEFAULTS
     sp_variant=os.environ.get("MEGATRON_DISTILL_SP_VARIANT") or None,
     sp_block_v=None,
@@ -786,16 +781,6 @@ def single_pass_split(
     return triton.cdiv(n_slices, per_segment)
 
 
-def cluster_kernel_runs(n_cols: int, device: torch.device, kind: str, dtype: torch.dtype = torch.bfloat16) -> bool:
-    """Whether ``single_pass_loss_grad_`` runs the cluster kernel (and so writes dz straight
-    into a ``dz_out`` other than ``zs``) for ``kind`` on contiguous rows of ``n_cols`` logits
-    of ``dtype`` on ``device``, as far as can be known before it is compiled."""
-    if single_pass_split(n_cols, device, kind=kind, dtype=dtype) == 1 or _variant(None, kind) != "cluster":
-        return False
-    build = cluster_build(kind)
-    return dtype == torch.bfloat16 and _cluster_runs(device) and cluster.fits(device, n_cols, build)
-
-
 def cluster_build(kind: str, num_warps: int | None = None) -> cluster.Build:
     """The cluster kernel's build for ``kind``: KERNEL_CONFIG["cluster_build"] (one name, or
     "kl:<name>,jsd:<name>") or else ``CLUSTER_BUILDS``; ``num_warps`` sets its block size."""
@@ -1119,7 +1104,6 @@ def single_pass_loss_grad_(
     num_stages: int | None = None,
     programs_per_sm: int | None = None,
     variant: str | None = None,
-    dz_out: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     """Whole-vocabulary rows only (one process, no TP): loss partials and dz in one launch.
 
@@ -1127,10 +1111,8 @@ def single_pass_loss_grad_(
     ``row_stats`` + ``jsd_row_sums`` + ``jsd_grad_`` ("jsd", 0 < beta < 1) on rows that hold the
     whole vocabulary. ``loss_out``: fp32 ``[P, rows]`` (rows contiguous), P = vocab segments
     per row (``single_pass_split`` with the same settings; 1 for the torch twin and the
-    interpreter by default), receives each row's divergence as P partials. On return ``dz_out``
-    (``[rows, V]`` of the logits' dtype; default ``zs``, and ``zt`` works too) holds
-    ``grad_scale / tau * d loss / d s``: the cluster kernel writes it there, the others write
-    over ``zs`` and copy it (so ``zs`` holds either the logits or dz then). Launch settings left None come from
+    interpreter by default), receives each row's divergence as P partials. On return ``zs``
+    holds ``grad_scale / tau * d loss / d s``. Launch settings left None come from
     KERNEL_CONFIG["sp_*"] or else ``SP_DEFAULTS``; ``variant`` is one of ``SP_VARIANTS``.
 
     The programs sharing a row wait for each other's partial statistics. With the "reread"
@@ -1152,9 +1134,6 @@ def single_pass_loss_grad_(
     _check_pair(zs, zt)
     if kind not in _KINDS:
         raise ValueError(f"kind must be one of {tuple(_KINDS)}, got {kind!r}")
-    if dz_out is not None and (dz_out.shape != zs.shape or dz_out.dtype != zs.dtype):
-        raise ValueError(f"dz_out must be {zs.dtype} {tuple(zs.shape)} like zs, got "
-                         f"{dz_out.dtype} {tuple(dz_out.shape)}")
     if impl == "torch":
         stats = row_stats(zs, zt, temperature, kind == "reverse_kl", "torch")
         common = dict(temperature=temperature, impl="torch")
@@ -1163,7 +1142,6 @@ def single_pass_loss_grad_(
             jsd_grad_(zs, zt, stats, kl_s, beta=beta, grad_scale=grad_scale, **common)
         else:
             kl_loss_grad_(zs, zt, stats, loss_out, reverse=kind == "reverse_kl", grad_scale=grad_scale, **common)
-        _copy_dz(zs, dz_out)
         return None
     rows, n_cols = zs.shape
     if rows == 0:
@@ -1177,7 +1155,7 @@ def single_pass_loss_grad_(
         if n_parts == build.cluster and _cluster_runs(device) and cluster.usable(zs, zt, build):
             try:
                 cluster.loss_grad_(zs, zt, loss_out, kind=kind, beta=beta, scale2=LOG2E / temperature,
-                                   grad_scale=grad_scale / temperature, build=build, dz_out=dz_out)
+                                   grad_scale=grad_scale / temperature, build=build)
                 return None
             except RuntimeError as exc:  # NVRTC or the driver refused: the Triton kernel from now on
                 warnings.warn(f"cluster single-pass kernel unavailable, using the Triton kernel: {exc}", stacklevel=2)
@@ -1223,14 +1201,7 @@ def single_pass_loss_grad_(
         compiled = _pipelined_kernel[(n_prog,)](*args, PARTS=_pow2(n_parts), num_warps=num_warps, **consts)
     if device.type == "cuda" and key not in _FIT:
         _FIT[key] = _programs_per_sm(compiled, num_warps, device) or 1
-    _copy_dz(zs, dz_out)
     return counters
-
-
-def _copy_dz(dz: torch.Tensor, dz_out: torch.Tensor | None) -> None:
-    # the kernels other than the cluster one write dz over the student logits
-    if dz_out is not None and dz_out.data_ptr() != dz.data_ptr():
-        dz_out.copy_(dz)
 
 
 __all__ = [
@@ -1242,7 +1213,6 @@ __all__ = [
     "SP_DEFAULTS",
     "SP_VARIANTS",
     "cluster_build",
-    "cluster_kernel_runs",
     "combine_stats",
     "default_split",
     "jsd_grad_",
