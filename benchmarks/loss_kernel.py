@@ -10,9 +10,14 @@ For each case (bf16, teacher without grad) it times side by side in one process:
 * ``liger``: Liger-Kernel's ``LigerFusedLinearJSD`` (jsd, beta 0.5) when importable.
 
 Time is the median over repeats of CUDA-event-timed calls; memory is the peak allocated during
-one call minus the inputs alone (the gradients the call produces count).
+one call minus the inputs alone (the gradients the call produces count). ``--interleave R``
+times the floor and the fused variants in R rounds of random order, each against its round's
+floor; on a power-capped GPU add ``--batch 8 --host-ahead``, which times each method in its own
+steady state (one call per turn lets the floor run after a cooler fused call:
+NOTES_loss_kernel.md, iteration 25).
 
     python benchmarks/loss_kernel.py [--sweep] [--kernel-sweep] [--gemm-sweep] [--out DIR]
+    python benchmarks/loss_kernel.py --cases T8k_V152k --interleave 40 --batch 8 --host-ahead
     ncu ... python benchmarks/loss_kernel.py --profile-kernels
     torchrun --nproc-per-node 2 benchmarks/loss_kernel.py --tp 2
 
@@ -132,6 +137,25 @@ def timed(fn, reps: int, warmup: int, group=None) -> list[float]:
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end))
     return times
+
+
+def timed_batch(fn, calls: int, host_ahead: bool, group=None) -> float:
+    """Milliseconds per call over calls 2..``calls`` of ``calls`` calls back to back: the first
+    call carries the GPU's power and clock state from whatever ran before it, and is left out.
+    ``host_ahead``: no host synchronization between the calls (events recorded after each), so
+    the host enqueues while the GPU works, as in a training step; otherwise each call is timed
+    as ``timed`` times it, starting on a GPU with nothing queued."""
+    if not host_ahead:
+        return statistics.mean(timed(fn, calls, 0, group)[1:])
+    if group is not None:
+        dist.barrier(group)
+    torch.cuda.synchronize()
+    events = [torch.cuda.Event(enable_timing=True) for _ in range(calls)]
+    for event in events:
+        fn()
+        event.record()
+    torch.cuda.synchronize()
+    return events[0].elapsed_time(events[-1]) / (calls - 1)
 
 
 def peak_extra_gib(fn, clear) -> float:
@@ -263,17 +287,22 @@ def kernel_config(overrides: dict):
         ew.KERNEL_CONFIG.update(saved)
 
 
-def measure_interleaved(methods, rounds: int, warmup: int, group, clear) -> list[dict]:
+def measure_interleaved(methods, rounds: int, warmup: int, group, clear, batch: int = 1,
+                        host_ahead: bool = False) -> list[dict]:
     """Like ``measure`` for each of ``methods`` ((label, fn, extra, kernel overrides)), but timed
     in ``rounds`` rounds that call every method once in turn, so that a drift of the GPU's speed
     during the run (clocks, temperature) reaches all methods alike. Each round calls the methods
     in a new random order (seeded): with a fixed order, the method called right after the floor
     (pure GEMMs) measured ~0.025x of the floor slower than the same configuration called later
-    in the round (NOTES iteration 12). Peak memory first, per method; then ``warmup`` calls
-    each; rows carry ``rounds`` timings each, in round order."""
+    in the round (NOTES iteration 12). With ``batch`` > 1 each turn is ``batch`` calls of the
+    method back to back, timed by ``timed_batch`` (``host_ahead`` as there): the per-call cost of
+    running one method steadily. Peak memory first, per method; then ``warmup`` calls each; rows
+    carry ``rounds`` timings each, in round order."""
     rows, live = [], []
     for label, fn, extra, kernel in methods:
         row = dict(method=label, interleaved_rounds=rounds, **extra)
+        if batch > 1:
+            row.update(calls_per_turn=batch, host_ahead=host_ahead)
         try:
             with kernel_config(kernel):
                 row["peak_extra_gib"] = round(peak_extra_gib(fn, clear), 3)
@@ -291,7 +320,7 @@ def measure_interleaved(methods, rounds: int, warmup: int, group, clear) -> list
     for _ in range(rounds):
         for _row, fn, kernel, times in order.sample(live, len(live)):
             with kernel_config(kernel):
-                times += timed(fn, 1, 0, group)
+                times += timed(fn, 1, 0, group) if batch == 1 else [timed_batch(fn, batch, host_ahead, group)]
     base = live[0][3] if live and live[0][0]["method"].startswith("floor") else None
     for row, _, _, times in live:
         row.update(_timing_fields(times))
@@ -575,7 +604,7 @@ def run_case(name, case, args, group, tp, rank):
                 res["breakdown"][label] = gpu_profile.record(fn)
             log(f"  breakdown {label}: " + gpu_profile.format_summary(res["breakdown"][label]).replace("\n", " | "))
     if args.interleave:
-        res["rows"] += measure_interleaved(timed_here, args.interleave, w_, group, clear)
+        res["rows"] += measure_interleaved(timed_here, args.interleave, w_, group, clear, args.batch, args.host_ahead)
     else:
         for label, fn, extra, kernel in timed_here:
             with kernel_config(kernel):
@@ -721,6 +750,12 @@ def main() -> None:
     p.add_argument("--sweep", action="store_true", help="also time fixed chunking configurations")
     p.add_argument("--interleave", type=int, default=0, metavar="ROUNDS",
                    help="time the floor and fused variants in ROUNDS interleaved rounds instead of one after another")
+    p.add_argument("--batch", type=int, default=1, metavar="CALLS",
+                   help="with --interleave: each turn calls a method CALLS times back to back and counts the "
+                        "mean of calls 2..CALLS (the first carries the previous method's power state)")
+    p.add_argument("--host-ahead", action="store_true",
+                   help="with --batch: no host synchronization between a turn's calls (the host enqueues "
+                        "while the GPU works, as in training); otherwise each call starts on an idle GPU")
     p.add_argument("--cluster-builds", nargs="+", default=[], metavar="BUILD",
                    help="also time the automatic chunking with the cluster kernel in these builds (TP=1; "
                         "cluster_single_pass.parse_build names, or kl:<name>,jsd:<name>)")
@@ -743,6 +778,10 @@ def main() -> None:
                         "(e.g. 'sp_variant=\"reread\"' or 'single_pass=false')")
     args = p.parse_args()
     args.variant = [_parse_overrides(v, "--variant") for v in args.variant]
+    if args.batch < 1 or (args.batch > 1 and not args.interleave):
+        p.error(f"--batch {args.batch}: needs --interleave and at least 1 call (2 or more to batch)")
+    if args.host_ahead and args.batch < 2:
+        p.error("--host-ahead needs --batch 2 or more")
 
     ew.KERNEL_CONFIG.update(_parse_overrides(",".join(args.set), "--set") if args.set else {})
     if args.profile_kernels:
