@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/
+from loop_profile import chunk_gemms  # noqa: E402
 from loss_kernel import CASES, KINDS, environment, make_inputs, make_methods  # noqa: E402
 from run_record import write_device_record  # noqa: E402
 
@@ -54,31 +55,6 @@ class EnergyCounter:
         value = ctypes.c_ulonglong()
         self._check(self.lib.nvmlDeviceGetTotalEnergyConsumption(self.handle, ctypes.byref(value)), "energy")
         return value.value
-
-
-def chunk_gemms(h, w, ht, wt, chunk: int, sub: int):
-    """The fused loop's four products at its chunk plan, without the element-wise kernels."""
-    n, v = h.shape[0], w.shape[0]
-    buf_s = torch.empty(chunk, v, device=h.device, dtype=h.dtype)
-    buf_t = torch.empty(sub, v, device=h.device, dtype=h.dtype)
-    gh = torch.empty_like(h)
-    gw = torch.empty_like(w)
-    h_d, w_d = h.detach(), w.detach()
-
-    def fn():
-        for c0 in range(0, n, chunk):
-            c1 = min(c0 + chunk, n)
-            zs = buf_s[: c1 - c0]
-            torch.mm(h_d[c0:c1], w_d.t(), out=zs)
-            for t0 in range(c0, c1, sub):
-                torch.mm(ht[t0 : min(t0 + sub, c1)], wt.t(), out=buf_t[: min(t0 + sub, c1) - t0])
-            torch.mm(zs, w_d, out=gh[c0:c1])
-            if c0 == 0:
-                torch.mm(zs.t(), h_d[c0:c1], out=gw)
-            else:
-                gw.addmm_(zs.t(), h_d[c0:c1])
-
-    return fn
 
 
 def kernels_alone(h, w, ht, wt, kind: str, chunk: int, sub: int):
